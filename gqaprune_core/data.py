@@ -46,7 +46,9 @@ class Corpus:
 
 
 def _split(name: str, documents: list[str], calibration_fraction: float) -> Corpus:
-    documents = [d.strip() for d in documents if d.strip()]
+    # dict.fromkeys: drop repeated documents (pydoc lists some topics under several keys),
+    # which would otherwise land in both parts.
+    documents = list(dict.fromkeys(d.strip() for d in documents if d.strip()))
     if len(documents) < 2:
         raise CorpusError(f"corpus {name!r} has {len(documents)} documents; need at least 2")
     cut = min(max(1, round(len(documents) * calibration_fraction)), len(documents) - 1)

@@ -40,7 +40,8 @@ def _cut_linear_(linear: nn.Linear, index: torch.Tensor, dim: int) -> None:
         linear.in_features = weight.shape[1]
 
 
-def _cut_layer_(layer: nn.Module, plan: LayerPlan) -> None:
+def cut_layer_(layer: nn.Module, plan: LayerPlan) -> None:
+    """Cut one decoder layer in place to what ``plan`` keeps (no checks; see apply_plan_)."""
     attn, mlp = layer.self_attn, layer.mlp
     q_rows, kv_rows = group_indices(plan.kept_kv_heads, plan.q_per_kv, plan.head_dim)
     if plan.kept_q_heads is not None:  # naive-heads anti-example: heads chosen apart from groups
@@ -121,7 +122,7 @@ def apply_plan_(model: nn.Module, plan: PruningPlan, *, check: bool = True) -> n
     check_plan_matches(model, plan)
     for layer, layer_plan in zip(decoder_layers(model), plan.layers):
         if not layer_plan.is_identity:
-            _cut_layer_(layer, layer_plan)
+            cut_layer_(layer, layer_plan)
     sync_config_(model)
     if check:
         validate(model)
