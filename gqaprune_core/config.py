@@ -1,0 +1,97 @@
+"""The pruning configuration: one frozen dataclass, validated at construction.
+
+Only the CLI and the app turn user input into a :class:`PruneConfig`; everything below them
+takes the dataclass. :data:`PRESETS` names the documented settings (``original`` reproduces the
+original project's algorithm).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Literal
+
+ImportanceMethod = Literal["removal", "activation", "block_influence"]
+Strategy = Literal["inverse", "proportional", "uniform"]
+Mode = Literal["sequential", "one-shot"]
+UnitImportance = Literal["taylor", "magnitude", "activation", "random", "naive-heads"]
+RatioOf = Literal["prunable", "total"]
+
+IMPORTANCE_METHODS = ("removal", "activation", "block_influence")
+STRATEGIES = ("inverse", "proportional", "uniform")
+MODES = ("sequential", "one-shot")
+UNIT_METHODS = ("taylor", "magnitude", "activation", "random", "naive-heads")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Everything that determines a pruning run (see ``python -m gqaprune_core --help``)."""
+
+    base_model: str = "demo"
+    pruning_ratio: float = 0.2
+    ratio_of: RatioOf = "prunable"  # fraction of attention+MLP params in range, or of all params
+    importance_method: ImportanceMethod = "removal"
+    pruning_strategy: Strategy = "inverse"
+    alpha: float = 1.0
+    min_pruning_rate: float = 0.15
+    max_pruning_rate: float = 0.5
+    layer_start: int = 0
+    layer_end: int | None = None
+    importance_samples: int = 50
+    importance_seq_len: int = 128
+    num_examples: int = 10
+    seq_len: int = 64
+    prune_attention: bool = True
+    prune_mlp: bool = True
+    mode: Mode = "sequential"
+    unit_importance: UnitImportance = "taylor"
+    calibration_dataset: str = "demo"
+    eval_datasets: tuple[str, ...] = ("demo", "pydoc")
+    eval_seq_len: int = 512
+    max_eval_windows: int | None = 24
+    seed: int = 0
+    device: str = "auto"
+    dtype: str | None = None
+
+    def __post_init__(self) -> None:
+        choices = {"importance_method": IMPORTANCE_METHODS, "pruning_strategy": STRATEGIES,
+                   "mode": MODES, "unit_importance": UNIT_METHODS, "ratio_of": ("prunable", "total")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r}; choose one of {', '.join(allowed)}")
+        if not 0.0 <= self.pruning_ratio < 1.0:
+            raise ValueError(f"pruning_ratio={self.pruning_ratio} must be in [0, 1)")
+        if not 0.0 <= self.min_pruning_rate <= self.max_pruning_rate < 1.0:
+            raise ValueError(f"need 0 <= min_pruning_rate ({self.min_pruning_rate}) <= "
+                             f"max_pruning_rate ({self.max_pruning_rate}) < 1")
+        if self.alpha < 0:
+            raise ValueError(f"alpha={self.alpha} must be >= 0")
+        for name in ("importance_samples", "importance_seq_len", "num_examples", "seq_len",
+                     "eval_seq_len"):
+            if getattr(self, name) < 1 or (name.endswith("seq_len") and getattr(self, name) < 2):
+                raise ValueError(f"{name}={getattr(self, name)} is too small")
+        if self.layer_start < 0 or (self.layer_end is not None and self.layer_end <= self.layer_start):
+            raise ValueError(f"layer range [{self.layer_start}, {self.layer_end}) is empty or negative")
+        if not (self.prune_attention or self.prune_mlp):
+            raise ValueError("nothing to prune: both prune_attention and prune_mlp are off")
+        if isinstance(self.eval_datasets, list):
+            object.__setattr__(self, "eval_datasets", tuple(self.eval_datasets))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PruneConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown config keys: {sorted(unknown)}")
+        return cls(**data)
+
+    def with_(self, **changes) -> PruneConfig:
+        return replace(self, **changes)
+
+
+# The original project's algorithm, as faithfully as possible.
+ORIGINAL = PruneConfig()
+
+PRESETS: dict[str, PruneConfig] = {"original": ORIGINAL}

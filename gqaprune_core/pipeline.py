@@ -1,0 +1,173 @@
+"""Run the stages in order with progress callbacks and return a report; used by the CLI and app.
+
+    load → calibration → layer importance → rates → whole units → evaluate before
+         → score units and cut → evaluate after → report
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from gqaprune_core.config import PruneConfig
+from gqaprune_core.data import calibration_batch
+from gqaprune_core.evaluate import PerplexityResult, evaluate_corpora
+from gqaprune_core.layer_importance import LayerImportance, layer_importance, load_importance_config
+from gqaprune_core.models import count_parameters, layout, load_model
+from gqaprune_core.plan import PruningPlan
+from gqaprune_core.pruner import prune_model_
+from gqaprune_core.schedule import UnitAllocation, allocate_units, layer_rates, unit_costs
+
+# (stage, done, total); stages: load, importance, evaluate_before, prune, evaluate_after
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class PipelineResult:
+    """The pruned model and everything needed to report on it."""
+
+    model: nn.Module
+    tokenizer: object
+    plan: PruningPlan
+    importance: LayerImportance
+    rates: list[float]
+    allocation: UnitAllocation
+    report: dict
+    ppl_before: list[PerplexityResult] = field(default_factory=list)
+    ppl_after: list[PerplexityResult] = field(default_factory=list)
+
+
+def prunable_target(config: PruneConfig, model: nn.Module, layer_range: range) -> float:
+    """The requested ratio as a fraction of the attention+MLP parameters in range."""
+    if config.ratio_of == "prunable":
+        return config.pruning_ratio
+    costs = unit_costs(model)
+    prunable = sum(costs[i].attention + costs[i].mlp for i in layer_range)
+    target = config.pruning_ratio * count_parameters(model) / prunable
+    if target >= 1.0:
+        raise ValueError(f"removing {config.pruning_ratio:.0%} of all parameters would need "
+                         f"{target:.0%} of the prunable ones in layers {layer_range.start}.."
+                         f"{layer_range.stop - 1}")
+    return target
+
+
+def plan_units(config: PruneConfig, model: nn.Module, importance: LayerImportance
+               ) -> tuple[list[float], UnitAllocation]:
+    """Layer scores → per-layer rates → whole groups and channels per layer."""
+    shapes = layout(model)
+    end = len(shapes) if config.layer_end is None else min(config.layer_end, len(shapes))
+    if config.layer_start >= end:
+        raise ValueError(f"layer range [{config.layer_start}, {config.layer_end}) holds none of "
+                         f"the model's {len(shapes)} layers")
+    costs = unit_costs(model)
+    target = prunable_target(config, model, range(config.layer_start, end))
+    rates = layer_rates(importance.scores, target, config.pruning_strategy, config.alpha,
+                        config.min_pruning_rate, config.max_pruning_rate, config.layer_start, end,
+                        weights=[c.attention + c.mlp for c in costs])
+    allocation = allocate_units(shapes, costs, rates, importance.scores,
+                                prune_attention=config.prune_attention, prune_mlp=config.prune_mlp)
+    return rates, allocation
+
+
+def _timed(timings: dict, name: str):
+    class Timer:
+        def __enter__(self):
+            self.start = time.perf_counter()
+
+        def __exit__(self, *exc):
+            timings[name] = round(time.perf_counter() - self.start, 3)
+
+    return Timer()
+
+
+def run_pipeline(config: PruneConfig, model: nn.Module | None = None, tokenizer=None, *,
+                 importance: LayerImportance | None = None,
+                 importance_config: str | Path | None = None, copy_model: bool = True,
+                 evaluate: bool = True, progress: Progress | None = None) -> PipelineResult:
+    """Prune according to ``config``.
+
+    Args:
+        model, tokenizer: an already loaded model; with ``copy_model`` (default) it is copied
+            first, so a shared model (e.g. the app's cached one) is never cut in place.
+        importance / importance_config: layer scores to reuse instead of computing them.
+        evaluate: measure perplexity before and after on ``config.eval_datasets``.
+    """
+    report_progress = progress or (lambda stage, done, total: None)
+    timings: dict[str, float] = {}
+    with _timed(timings, "load"):
+        if model is None:
+            model, tokenizer = load_model(config.base_model, config.device, config.dtype)
+        elif copy_model:
+            model = copy.deepcopy(model)
+    torch.manual_seed(config.seed)
+    params_before = count_parameters(model)
+    shapes_before = layout(model)
+    with _timed(timings, "importance"):
+        if importance is None and importance_config is not None:
+            importance = load_importance_config(importance_config)
+        if importance is None:
+            importance = layer_importance(
+                model, tokenizer, config.importance_method, config.calibration_dataset,
+                config.importance_samples, config.importance_seq_len, config.seed,
+                model_id=config.base_model,
+                progress=lambda d, t: report_progress("importance", d, t))
+    if len(importance.scores) != len(shapes_before):
+        raise ValueError(f"layer importance has {len(importance.scores)} scores, model has "
+                         f"{len(shapes_before)} layers")
+    rates, allocation = plan_units(config, model, importance)
+    ppl_before = _evaluate(config, model, tokenizer, evaluate, timings, "evaluate_before",
+                           report_progress)
+    with _timed(timings, "prune"):
+        calibration = calibration_batch(tokenizer, config.calibration_dataset, config.num_examples,
+                                        config.seq_len, config.seed)
+        plan = prune_model_(model, calibration, allocation.groups_to_keep,
+                            allocation.channels_to_keep, config.unit_importance, config.mode,
+                            config.seed, progress=lambda d, t: report_progress("prune", d, t))
+    ppl_after = _evaluate(config, model, tokenizer, evaluate, timings, "evaluate_after",
+                          report_progress)
+    report = build_report(config, model, params_before, plan, rates, allocation, ppl_before,
+                          ppl_after, timings)
+    return PipelineResult(model, tokenizer, plan, importance, rates, allocation, report,
+                          ppl_before, ppl_after)
+
+
+def _evaluate(config, model, tokenizer, enabled, timings, stage, progress):
+    if not enabled or not config.eval_datasets:
+        return []
+    with _timed(timings, stage):
+        return evaluate_corpora(model, tokenizer, config.eval_datasets, seq_len=config.eval_seq_len,
+                                max_windows=config.max_eval_windows,
+                                progress=lambda name, d, t: progress(stage, d, t))
+
+
+def build_report(config: PruneConfig, model: nn.Module, params_before: int, plan: PruningPlan,
+                 rates: list[float], allocation: UnitAllocation, ppl_before, ppl_after,
+                 timings: dict) -> dict:
+    """The ``report.json`` contents (see the CLI's documentation)."""
+    params_after = count_parameters(model)
+    shapes_after = layout(model)
+    layers = [{"layer": lp.layer, "rate": round(rate, 6), "q_heads_before": lp.q_heads_before,
+               "kv_heads_before": lp.kv_heads_before, "q_heads": s.q_heads, "kv_heads": s.kv_heads,
+               "mlp_before": lp.mlp_before, "mlp": s.mlp_width}
+              for lp, s, rate in zip(plan.layers, shapes_after, rates)]
+    return {
+        "model": config.base_model,
+        "params_before": params_before,
+        "params_after": params_after,
+        "ratio_requested": config.pruning_ratio,
+        "ratio_of": config.ratio_of,
+        "ratio_achieved_prunable": allocation.ratio_achieved,
+        "ratio_achieved_total": (params_before - params_after) / params_before,
+        "params_prunable": allocation.params_prunable,
+        "ppl_before": {r.corpus: r.to_dict() for r in ppl_before},
+        "ppl_after": {r.corpus: r.to_dict() for r in ppl_after},
+        "timings_s": timings,
+        "config": config.to_dict(),
+        "layers": layers,
+    }
