@@ -45,6 +45,10 @@ class PruneConfig:
     mode: Mode = "sequential"
     unit_importance: UnitImportance = "taylor"
     calibration_dataset: str = "demo"
+    # MLP channels chosen by their output energy on calibration data and down_proj re-fit by
+    # ridge least squares toward the original weights (see gqaprune_core.compensate).
+    compensate: bool = False
+    refit_ridge: float = 0.1
     eval_datasets: tuple[str, ...] = ("demo", "pydoc")
     eval_seq_len: int = 512
     max_eval_windows: int | None = 24
@@ -63,6 +67,8 @@ class PruneConfig:
         if not 0.0 <= self.min_pruning_rate <= self.max_pruning_rate < 1.0:
             raise ValueError(f"need 0 <= min_pruning_rate ({self.min_pruning_rate}) <= "
                              f"max_pruning_rate ({self.max_pruning_rate}) < 1")
+        if self.refit_ridge <= 0:
+            raise ValueError(f"refit_ridge={self.refit_ridge} must be > 0")
         if self.alpha < 0:
             raise ValueError(f"alpha={self.alpha} must be >= 0")
         for name in ("importance_samples", "importance_seq_len", "num_examples", "seq_len",

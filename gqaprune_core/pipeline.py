@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from gqaprune_core.compensate import prune_mlp_compensated_
 from gqaprune_core.config import PruneConfig
 from gqaprune_core.data import calibration_batch
 from gqaprune_core.evaluate import PerplexityResult, evaluate_corpora
@@ -126,15 +127,27 @@ def run_pipeline(config: PruneConfig, model: nn.Module | None = None, tokenizer=
     with _timed(timings, "prune"):
         calibration = calibration_batch(tokenizer, config.calibration_dataset, config.num_examples,
                                         config.seq_len, config.seed)
-        plan = prune_model_(model, calibration, allocation.groups_to_keep,
-                            allocation.channels_to_keep, config.unit_importance, config.mode,
-                            config.seed, progress=lambda d, t: report_progress("prune", d, t))
+        plan = _prune(config, model, calibration, allocation,
+                      lambda d, t: report_progress("prune", d, t))
     ppl_after = _evaluate(config, model, tokenizer, evaluate, timings, "evaluate_after",
                           report_progress)
     report = build_report(config, model, params_before, plan, rates, allocation, ppl_before,
                           ppl_after, timings)
     return PipelineResult(model, tokenizer, plan, importance, rates, allocation, report,
                           ppl_before, ppl_after)
+
+
+def _prune(config: PruneConfig, model: nn.Module, calibration: torch.Tensor,
+           allocation: UnitAllocation, progress) -> PruningPlan:
+    if not config.compensate:
+        return prune_model_(model, calibration, allocation.groups_to_keep,
+                            allocation.channels_to_keep, config.unit_importance, config.mode,
+                            config.seed, progress=progress)
+    full_widths = [s.mlp_width for s in layout(model)]
+    plan = prune_model_(model, calibration, allocation.groups_to_keep, full_widths,
+                        config.unit_importance, config.mode, config.seed)
+    return prune_mlp_compensated_(model, calibration, allocation.channels_to_keep,
+                                  config.refit_ridge, base_plan=plan, progress=progress)
 
 
 def _evaluate(config, model, tokenizer, enabled, timings, stage, progress):

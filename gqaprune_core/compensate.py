@@ -1,0 +1,133 @@
+"""MLP channel pruning with least-squares compensation, in one calibration forward pass.
+
+For each layer, in order, a hook on the MLP sees the input ``x`` that the *already pruned* model
+produces (so earlier cuts are accounted for), computes the full intermediate activations
+``h = act(gate(x)) * up(x)`` (N tokens x I), and its Gram matrix ``C = hᵀh``. It then
+
+1. keeps the channels with the largest output energy ``C_jj * ||down[:, j]||²`` (how much each
+   channel adds to the layer's output on this data), or with given scores;
+2. re-fits ``down_proj`` on the kept channels K so that the pruned MLP reproduces the full one::
+
+       W_K = argmin ||h_K W_Kᵀ - h Wᵀ||² + λ ||W_K - W[:, K]||²
+           = (C_KK + λ I)⁻¹ (C_K: Wᵀ + λ W[:, K]ᵀ)          λ = ridge * mean(diag C_KK)
+
+   The ridge pulls toward the ORIGINAL weights, not toward zero: pulling toward zero overfits
+   the calibration domain; pulling toward the original keeps what the model knew elsewhere.
+
+The MLP then runs with its new weights, so the next layer is fitted on the pruned model's output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from gqaprune_core.models import decoder_layers, layout
+from gqaprune_core.plan import LayerPlan, PruningPlan, identity_plan, top_k
+from gqaprune_core.surgery import cut_layer_, sync_config_, validate
+
+
+def channel_energy(gram: torch.Tensor, down_weight: torch.Tensor) -> torch.Tensor:
+    """(I,) output energy of each channel: C_jj * ||down[:, j]||²."""
+    return gram.diagonal() * down_weight.float().pow(2).sum(dim=0)
+
+
+def channel_obs_scores(gram: torch.Tensor, down_weight: torch.Tensor, ridge: float) -> torch.Tensor:
+    """(I,) Optimal-brain-surgeon cost of removing each channel with the others compensating:
+    ``||down[:, j]||² / [(C + λI)⁻¹]_jj``."""
+    lam = ridge * gram.diagonal().mean().clamp_min(1e-12)
+    inverse = torch.linalg.inv(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype,
+                                                      device=gram.device))
+    return down_weight.double().pow(2).sum(dim=0).to(gram.device) / inverse.diagonal()
+
+
+def refit_down(gram: torch.Tensor, down_weight: torch.Tensor, kept: Sequence[int],
+               ridge: float) -> torch.Tensor:
+    """Least-squares down_proj (E, K) for the kept channels, pulled toward the original weights.
+
+    Args:
+        gram: (I, I) ``hᵀh`` of the full intermediate activations, float64 preferred.
+        down_weight: (E, I) the original down_proj weight.
+        kept: K channel indices.
+        ridge: λ relative to the mean diagonal of ``C_KK``.
+    """
+    index = torch.as_tensor(list(kept), dtype=torch.long)
+    w = down_weight.double().to(gram.device)
+    c_kk = gram[index][:, index]
+    lam = ridge * c_kk.diagonal().mean().clamp_min(1e-12)
+    lhs = c_kk + lam * torch.eye(len(index), dtype=gram.dtype, device=gram.device)
+    rhs = gram[index] @ w.T + lam * w[:, index].T  # (K, E)
+    solution = torch.linalg.solve(lhs, rhs)
+    return solution.T.to(down_weight.dtype)
+
+
+def _mlp_activations(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(N, I) float64 intermediate activations of the (not yet cut) MLP."""
+    h = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
+    return h.reshape(-1, h.shape[-1]).double()
+
+
+@torch.no_grad()
+def prune_mlp_compensated_(model: nn.Module, calibration: torch.Tensor,
+                           channels_to_keep: Sequence[int], ridge: float = 0.1,
+                           scores: dict[int, torch.Tensor] | None = None,
+                           base_plan: PruningPlan | None = None, selection: str = "energy",
+                           progress: Callable[[int, int], None] | None = None) -> PruningPlan:
+    """Cut MLP channels layer by layer and re-fit ``down_proj``; returns the plan applied.
+
+    Args:
+        calibration: (N, T) token ids, run as ONE batch (the fit needs all tokens at once).
+        channels_to_keep: per layer.
+        scores: optional per-layer channel scores; default is :func:`channel_energy`.
+        base_plan: a plan already applied to the model's attention (kept groups are copied
+            from it into the result so that one plan describes the whole model).
+    """
+    shapes = layout(model)  # after any attention cut; MLP widths are still the original ones
+    plan = base_plan or identity_plan(shapes, "compensated")
+    layers = decoder_layers(model)
+    todo = [i for i, keep in enumerate(channels_to_keep) if keep < shapes[i].mlp_width]
+    results: dict[int, LayerPlan] = {}
+    handles = []
+
+    def make_hook(index: int):
+        def hook(mlp: nn.Module, args):
+            x = args[0]
+            h = _mlp_activations(mlp, x)
+            gram = h.T @ h
+            if scores is not None:
+                layer_scores = scores[index]
+            elif selection == "obs":
+                layer_scores = channel_obs_scores(gram, mlp.down_proj.weight, ridge)
+            else:
+                layer_scores = channel_energy(gram, mlp.down_proj.weight)
+            kept = top_k(layer_scores, channels_to_keep[index])
+            new_down = refit_down(gram, mlp.down_proj.weight, kept, ridge)
+            before = plan.layers[index]
+            layer_plan = LayerPlan(before.layer, before.q_heads_before, before.kv_heads_before,
+                                   before.head_dim, before.mlp_before, before.kept_kv_heads, kept)
+            now = shapes[index]
+            mlp_only = LayerPlan(index, now.q_heads, now.kv_heads, now.head_dim, now.mlp_width,
+                                 tuple(range(now.kv_heads)), kept)
+            cut_layer_(layers[index], mlp_only)
+            mlp.down_proj.weight.data.copy_(new_down)
+            results[index] = layer_plan
+            if progress is not None:
+                progress(len(results), len(todo))
+
+        return hook
+
+    device = next(model.parameters()).device
+    try:
+        for index in todo:
+            handles.append(layers[index].mlp.register_forward_pre_hook(make_hook(index)))
+        model(calibration.to(device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for layer_plan in results.values():
+        plan = plan.with_layer(layer_plan)
+    sync_config_(model)
+    validate(model)
+    return plan

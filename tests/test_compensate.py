@@ -1,0 +1,73 @@
+"""MLP pruning with ridge least-squares compensation toward the original weights."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from gqaprune_core.compensate import channel_energy, prune_mlp_compensated_, refit_down
+from gqaprune_core.models import layout
+from gqaprune_core.plan import identity_plan
+from gqaprune_core.surgery import apply_plan_
+
+
+def test_refit_keeping_everything_returns_the_original():
+    h = torch.randn(200, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    w = torch.randn(4, 6, dtype=torch.float64)
+    torch.testing.assert_close(refit_down(h.T @ h, w, range(6), ridge=1e-3), w)
+
+
+def test_refit_recovers_a_redundant_channel():
+    """Channel 5 = channel 0 + channel 1: after removing it, the others absorb its weight."""
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(300, 6, dtype=torch.float64, generator=g)
+    h[:, 5] = h[:, 0] + h[:, 1]
+    w = torch.randn(4, 6, dtype=torch.float64, generator=g)
+    new = refit_down(h.T @ h, w, [0, 1, 2, 3, 4], ridge=1e-9)
+    torch.testing.assert_close(h[:, :5] @ new.T, h @ w.T, rtol=1e-6, atol=1e-6)
+    naive_error = (h[:, :5] @ w[:, :5].T - h @ w.T).norm()
+    assert naive_error > 1.0  # dropping it without compensation would lose a lot
+
+
+def test_large_ridge_stays_at_the_original_weights():
+    h = torch.randn(100, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    w = torch.randn(3, 5, dtype=torch.float64)
+    torch.testing.assert_close(refit_down(h.T @ h, w, [0, 2, 4], ridge=1e9), w[:, [0, 2, 4]],
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_channel_energy_is_activation_times_weight_norm():
+    h = torch.tensor([[1.0, 2.0], [3.0, 0.0]], dtype=torch.float64)
+    w = torch.tensor([[1.0, 1.0], [0.0, 2.0]])
+    assert channel_energy(h.T @ h, w).tolist() == [10.0 * 1.0, 4.0 * 5.0]
+
+
+def test_compensated_pruning_beats_plain_cut_on_calibration(make_tiny, tiny_ids):
+    model = make_tiny("qwen2_bias")
+    dense = copy.deepcopy(model)
+    calibration = torch.randint(0, 97, (8, 24), generator=torch.Generator().manual_seed(4))
+    keep = [25, 30, 20]
+    plan = prune_mlp_compensated_(model, calibration, keep, ridge=0.01)
+    assert [s.mlp_width for s in layout(model)] == keep
+    assert [lp.mlp for lp in plan.layers] == keep
+    plain = copy.deepcopy(dense)
+    apply_plan_(plain, plan)  # the same channels, without the re-fit
+    with torch.no_grad():
+        target = dense(calibration).logits
+        error = (model(calibration).logits - target).pow(2).mean()
+        plain_error = (plain(calibration).logits - target).pow(2).mean()
+    assert error < plain_error
+
+
+def test_compensation_keeps_an_attention_plan(make_tiny):
+    model = make_tiny()
+    base = identity_plan(layout(model))
+    from dataclasses import replace
+
+    base = base.with_layer(replace(base.layers[1], kept_kv_heads=(1,)))
+    apply_plan_(model, base)
+    calibration = torch.randint(0, 97, (4, 16), generator=torch.Generator().manual_seed(5))
+    plan = prune_mlp_compensated_(model, calibration, [40, 30, 40], base_plan=base)
+    assert plan.layers[1].kept_kv_heads == (1,) and plan.layers[1].mlp == 30
+    assert plan.layers[1].kv_heads_before == 2
