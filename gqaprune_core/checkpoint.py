@@ -1,0 +1,387 @@
+"""Save and load pruned models: safetensors weights + HF config + plan JSON + tokenizer.
+
+Notation: L layers, H query heads, G KV heads (groups), D head_dim, I MLP width.
+
+A checkpoint directory holds::
+
+    model.safetensors       every distinct tensor once (a tied lm_head is stored as the embedding)
+    config.json             the Hugging Face config of the *skeleton* (see below)
+    gqaprune_plan.json      a PruningPlan: per layer the shapes before and the kept units
+    tokenizer files         whatever ``tokenizer.save_pretrained`` writes
+    generation_config.json  when the model has one
+
+How config and plan relate. A Hugging Face config has one (H, G, D, I) for all layers, a pruned
+model may have different shapes per layer. config.json therefore describes a *skeleton* that every
+saved layer fits into:
+
+- all layers equal after pruning: the skeleton *is* the pruned shape, so plain
+  ``AutoModelForCausalLM.from_pretrained(directory)`` (and vLLM) load the checkpoint as is;
+- layers differ: the skeleton is the per-dimension maximum of the plan's *before* shapes (the
+  original model's shapes), and only :func:`load_pruned` can load the checkpoint.
+
+Per layer the saved shape is the plan's *after* shape: ``len(kept_kv_heads)`` groups and
+``len(kept_mlp_channels)`` channels. :func:`load_pruned` builds the skeleton with parameters on the
+meta device (no memory, no random init), cuts every layer to the first ``k`` groups / channels (the
+positions do not matter, the weights come next), then assigns the stored tensors. Nothing is
+unpickled at any point: weights travel only through safetensors.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import secrets
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from gqaprune_core.models import layout, pick_device, pick_dtype
+from gqaprune_core.plan import LayerPlan, PruningPlan, identity_plan
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+PLAN_NAME = "gqaprune_plan.json"
+GENERATION_NAME = "generation_config.json"
+GENERIC_TOKENIZERS = ("PreTrainedTokenizerFast", "TokenizersBackend")
+
+Shapes = tuple[int, int, int, int]  # (H, G, D, I)
+
+
+class CheckpointError(ValueError):
+    """A directory that is not a readable gqaprune checkpoint (named with the offending values)."""
+
+
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    """True if ``path`` is a directory written by :func:`save_pruned`."""
+    return (Path(path) / PLAN_NAME).is_file()
+
+
+# ---- saving -----------------------------------------------------------------------------------
+
+def save_pruned(model: nn.Module, tokenizer, plan: PruningPlan | None,
+                directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write ``model`` (pruned by ``plan``) as a checkpoint directory, atomically.
+
+    Args:
+        plan: the plan that was applied; its *after* shapes must equal the model's layer shapes.
+            ``None`` stores an identity plan of the model's current layout.
+        tokenizer: saved with ``save_pretrained``; ``None`` writes no tokenizer files.
+        overwrite: replace an existing non-empty ``directory`` (old one renamed aside, the new one
+            moved in, the old one deleted).
+
+    Everything is written into a temporary sibling directory that is renamed into place at the
+    end; on any failure it is removed and ``directory`` is left as it was.
+
+    Raises:
+        ValueError: ``directory`` exists and is a file, or is non-empty without ``overwrite``;
+            the plan does not describe the model; layers differ in D or q_per_kv.
+    """
+    target = Path(directory).expanduser().absolute()
+    if target.is_file() or (target.is_dir() and any(target.iterdir()) and not overwrite):
+        raise ValueError(f"refusing to overwrite {str(target)!r}: it exists and is not an empty "
+                         "directory (pass overwrite=True to replace it)")
+    stored_plan = _checked_plan(model, plan)
+    skeleton = skeleton_shapes(stored_plan)  # fails before anything is written
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = _new_sibling(target, "saving")
+    try:
+        _write_files(model, tokenizer, stored_plan, skeleton, staging)
+        _publish(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone already after a successful publish
+    return target
+
+
+def _checked_plan(model: nn.Module, plan: PruningPlan | None) -> PruningPlan:
+    shapes = layout(model)
+    if plan is None:
+        return identity_plan(shapes)
+    if len(plan.layers) != len(shapes):
+        raise ValueError(f"plan has {len(plan.layers)} layers, model has {len(shapes)}")
+    for s, p in zip(shapes, plan.layers, strict=True):
+        have = (s.q_heads, s.kv_heads, s.head_dim, s.mlp_width)
+        after = (p.q_heads, p.kv_heads, p.head_dim, p.mlp)
+        if have != after or p.layer != s.layer:
+            raise ValueError(f"layer {s.layer}: model has (H, G, D, I) = {have}, but the plan "
+                             f"leaves {after}; pass the plan that was applied to this model")
+    return plan
+
+
+def skeleton_shapes(plan: PruningPlan) -> Shapes:
+    """(H, G, D, I) that config.json states for ``plan`` (see the module docstring)."""
+    after = {(p.q_heads, p.kv_heads, p.head_dim, p.mlp) for p in plan.layers}
+    if len(after) == 1:
+        return after.pop()
+    head_dims = {p.head_dim for p in plan.layers}
+    ratios = {p.q_per_kv for p in plan.layers}
+    if len(head_dims) != 1 or len(ratios) != 1:
+        raise ValueError(f"layers differ in head_dim {sorted(head_dims)} or q_per_kv "
+                         f"{sorted(ratios)}; a Hugging Face config cannot describe that")
+    groups = max(p.kv_heads_before for p in plan.layers)
+    return groups * ratios.pop(), groups, head_dims.pop(), max(p.mlp_before for p in plan.layers)
+
+
+def _write_files(model: nn.Module, tokenizer, plan: PruningPlan, skeleton: Shapes,
+                 staging: Path) -> None:
+    from safetensors.torch import save_file
+
+    tensors = unique_state_dict(model)
+    save_file(tensors, staging / WEIGHTS_NAME, metadata={"format": "pt"})
+    config = copy.deepcopy(model.config)
+    q_heads, kv_heads, head_dim, mlp_width = skeleton
+    config.num_attention_heads, config.num_key_value_heads = q_heads, kv_heads
+    config.head_dim, config.intermediate_size = head_dim, mlp_width
+    config.architectures = [type(model).__name__]
+    config.dtype = next(t.dtype for t in tensors.values() if t.is_floating_point())
+    config.save_pretrained(staging)
+    # safetensors writes 0600; give the weights the umask-derived mode of an ordinary file.
+    os.chmod(staging / WEIGHTS_NAME, (staging / CONFIG_NAME).stat().st_mode & 0o777)
+    plan.save(staging / PLAN_NAME)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(staging)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(staging)
+
+
+def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with every shared tensor once (first name wins), on CPU and contiguous.
+
+    Tied embeddings appear as ``model.embed_tokens.weight`` only, as Hugging Face stores them.
+    """
+    seen: set[tuple] = set()
+    tensors = {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(),
+               tuple(tensor.shape), tensor.stride(), tensor.dtype)
+        if key not in seen:
+            seen.add(key)
+            tensors[name] = tensor.detach().to("cpu").contiguous()
+    return tensors
+
+
+def _new_sibling(target: Path, purpose: str) -> Path:
+    """A new empty hidden directory next to ``target`` (mode from the umask, unlike mkdtemp)."""
+    for _ in range(100):
+        path = target.with_name(f".{target.name}.{purpose}-{secrets.token_hex(4)}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a temporary directory next to {str(target)!r}")
+
+
+def _publish(staging: Path, target: Path) -> None:
+    """Rename ``staging`` to ``target``; a non-empty ``target`` is swapped out, then deleted."""
+    if not target.exists() or not any(target.iterdir()):
+        os.replace(staging, target)  # rename(2) replaces an empty directory atomically
+        return
+    aside = _new_sibling(target, "old")
+    os.replace(target, aside)
+    try:
+        os.replace(staging, target)
+    except OSError:
+        os.replace(aside, target)  # put the old checkpoint back
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+# ---- loading ----------------------------------------------------------------------------------
+
+def load_pruned(directory: str | os.PathLike, device: str | torch.device = "cpu",
+                dtype: str | torch.dtype | None = None, *, check: bool = True):
+    """Load ``(model, tokenizer)`` from a directory written by :func:`save_pruned`, in eval mode.
+
+    Args:
+        device: where the weights go (``"auto"``: the GPU with most free memory, else CPU).
+        dtype: cast floating weights to this dtype; ``None`` keeps the stored dtype, so the
+            logits equal bit for bit those of the model that was saved (same device and kernels).
+        check: finish with :func:`gqaprune_core.surgery.validate` (forward, KV cache, generate).
+
+    Returns:
+        the model, and the tokenizer (``None`` if the checkpoint has no tokenizer files).
+
+    Raises:
+        CheckpointError: missing directory or files, a corrupt or unreadable file, a plan that
+            does not fit the config, or weights whose names or shapes disagree with the plan
+            (the tensor and both shapes are named).
+    """
+    from gqaprune_core.surgery import SurgeryError, validate
+
+    path = Path(directory).expanduser()
+    _require_files(path)
+    plan = _read_plan(path)
+    config = _read_config(path)
+    model = _skeleton(config, plan, path)
+    target = pick_device(str(device)) if isinstance(device, str) else device
+    cast = pick_dtype(target, dtype) if dtype is not None else None
+    _load_weights_(model, path / WEIGHTS_NAME, target, cast)
+    model.to(target).eval()  # moves the non-persistent buffers (rotary inv_freq)
+    if (path / GENERATION_NAME).is_file():
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    if check:
+        try:
+            validate(model)
+        except SurgeryError as err:
+            raise CheckpointError(f"{path}: the loaded model fails validation: {err}") from err
+    return model, _read_tokenizer(path)
+
+
+def _require_files(path: Path) -> None:
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint directory {str(path)!r} does not exist")
+    for name in (CONFIG_NAME, WEIGHTS_NAME, PLAN_NAME):
+        if not (path / name).is_file():
+            raise CheckpointError(f"{str(path)!r} has no {name}: not a gqaprune checkpoint"
+                                  + (" (a plain model directory? use load_model)"
+                                     if name == PLAN_NAME else ""))
+
+
+def _read_plan(path: Path) -> PruningPlan:
+    try:
+        return PruningPlan.load(path / PLAN_NAME)
+    except (ValueError, KeyError, TypeError) as err:  # JSONDecodeError is a ValueError
+        raise CheckpointError(f"{path / PLAN_NAME}: unreadable plan: {err}") from err
+
+
+def _read_config(path: Path):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as err:
+        raise CheckpointError(f"{path / CONFIG_NAME}: unreadable config: {err}") from err
+
+
+def _read_tokenizer(path: Path):
+    """The saved tokenizer, or ``None``; a generic one is loaded from tokenizer.json as is.
+
+    AutoTokenizer may pick a class from config.json's model_type instead of the saved
+    ``tokenizer_class`` (transformers 5.17 turns a generic tokenizer beside a qwen2 config into
+    Qwen2Tokenizer, replacing its pre-tokenizer), so generic tokenizers bypass it.
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    settings_file, backend_file = path / "tokenizer_config.json", path / "tokenizer.json"
+    if not settings_file.is_file() and not backend_file.is_file():
+        return None
+    try:
+        declared = json.loads(settings_file.read_text()).get("tokenizer_class") \
+            if settings_file.is_file() else None
+        if declared in GENERIC_TOKENIZERS and backend_file.is_file():
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:  # JSONDecodeError is a ValueError
+        raise CheckpointError(f"{path}: unreadable tokenizer: {err}") from err
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def shape_plan(skeleton: Shapes, plan: PruningPlan, where: str = "") -> PruningPlan:
+    """A plan that cuts skeleton layers to ``plan``'s after shapes, keeping the first units."""
+    q_heads, kv_heads, head_dim, mlp_width = skeleton
+    layers = []
+    for p in plan.layers:
+        if p.head_dim != head_dim or p.q_per_kv != q_heads // kv_heads \
+                or p.kv_heads > kv_heads or p.mlp > mlp_width:
+            raise CheckpointError(
+                f"{where}layer {p.layer}: plan shape (H, G, D, I) = "
+                f"{(p.q_heads, p.kv_heads, p.head_dim, p.mlp)} does not fit the config's "
+                f"{skeleton}")
+        layers.append(LayerPlan(p.layer, q_heads, kv_heads, head_dim, mlp_width,
+                                tuple(range(p.kv_heads)), tuple(range(p.mlp))))
+    return PruningPlan(tuple(layers), "shape")
+
+
+def _skeleton(config, plan: PruningPlan, path: Path) -> nn.Module:
+    """The config's model with parameters on the meta device, cut to the plan's shapes."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from gqaprune_core.surgery import apply_plan_
+
+    if len(plan.layers) != config.num_hidden_layers:
+        raise CheckpointError(f"{path}: plan has {len(plan.layers)} layers, config.json has "
+                              f"{config.num_hidden_layers}")
+    try:
+        # Buffers stay real: rotary inv_freq is computed here, it is not in the weights file.
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config)
+        skeleton = layout(model)[0]  # ModelLoadError for a model that is not GQA-prunable
+    except ValueError as err:
+        raise CheckpointError(f"{path / CONFIG_NAME}: cannot build the model: {err}") from err
+    model.tie_weights()  # accelerate's patch breaks ties made inside the context; redo them
+    shapes = (skeleton.q_heads, skeleton.kv_heads, skeleton.head_dim, skeleton.mlp_width)
+    apply_plan_(model, shape_plan(shapes, plan, where=f"{path}: "), check=False)
+    return model
+
+
+def _alias_groups(model: nn.Module) -> list[list[str]]:
+    """Names of parameters that are one tensor (tied embeddings), in registration order."""
+    groups: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
+def _load_weights_(model: nn.Module, file: Path, device: torch.device,
+                   dtype: torch.dtype | None) -> None:
+    """Assign the tensors of ``file`` to ``model``, after checking every name and shape."""
+    from safetensors import SafetensorError, safe_open
+
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    aliases = {name: group for group in _alias_groups(model) for name in group}
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    try:
+        with safe_open(file, framework="pt", device=str(device)) as handle:
+            stored = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+            _check_names_and_shapes(stored, expected, aliases, file)
+            tensors = {name: handle.get_tensor(name) for name in stored}
+    except (SafetensorError, OSError, RuntimeError) as err:
+        raise CheckpointError(f"{file}: unreadable safetensors file: {err}") from err
+    state = {}
+    for name, tensor in tensors.items():
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        # One Parameter object for all tied names, so assign=True keeps the tie.
+        param = nn.Parameter(tensor, requires_grad=False)
+        for alias in aliases.get(name, [name]):
+            state[alias] = param
+    model.load_state_dict(state, strict=True, assign=True)
+
+
+def _check_names_and_shapes(stored: dict[str, tuple[int, ...]],
+                            expected: dict[str, tuple[int, ...]],
+                            aliases: dict[str, list[str]], file: Path) -> None:
+    unexpected = sorted(set(stored) - set(expected))
+    covered = {alias for name in stored for alias in aliases.get(name, [name])}
+    missing = sorted(set(expected) - covered)
+    if unexpected or missing:
+        raise CheckpointError(f"{file}: tensors do not match the model: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}")
+    for name, shape in stored.items():
+        if shape != expected[name]:
+            raise CheckpointError(
+                f"{file}: tensor {name} has shape {list(shape)} but config.json and "
+                f"{PLAN_NAME} give {list(expected[name])}")
+    tied = [[name for name in group if name in stored] for group in aliases.values()]
+    if any(len(names) > 1 for names in tied):
+        raise CheckpointError(f"{file}: tied tensors stored more than once: {tied}")
+
+
+def load_any(source: str | os.PathLike, device: str = "auto",
+             dtype: str | torch.dtype | None = None):
+    """``(model, tokenizer)`` from a checkpoint directory or any source of ``load_model``."""
+    from gqaprune_core.models import load_model
+
+    if is_checkpoint(source):
+        return load_pruned(source, device=device, dtype=dtype)
+    return load_model(source, device=device, dtype=dtype)
