@@ -220,7 +220,9 @@ def load_model(source: str | os.PathLike = "demo", device: str = "auto",
     if text == "tiny":
         from gqaprune_core.tiny import char_tokenizer, tiny_model
 
-        model, tokenizer = tiny_model().to(torch_dtype), char_tokenizer()
+        model, tokenizer = tiny_model(), char_tokenizer()
+        for param in model.parameters():  # buffers such as RoPE's inv_freq stay fp32
+            param.data = param.data.to(torch_dtype)
     elif text == "demo":
         model, tokenizer = _load_hf_dir(demo_model_dir(), torch_dtype)
     else:
