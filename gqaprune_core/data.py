@@ -139,8 +139,17 @@ def tokenize_documents(tokenizer, documents: tuple[str, ...]) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+_TOKEN_CACHE: dict[tuple, torch.Tensor] = {}
+
+
 def _part_tokens(tokenizer, corpus: Corpus, part: str) -> torch.Tensor:
-    return tokenize_documents(tokenizer, getattr(corpus, part))
+    """Tokens of one part, memoised: evaluation before and after pruning reuses them."""
+    key = (id(tokenizer), getattr(tokenizer, "name_or_path", ""), len(tokenizer), corpus, part)
+    if key not in _TOKEN_CACHE:
+        if len(_TOKEN_CACHE) >= 16:
+            _TOKEN_CACHE.pop(next(iter(_TOKEN_CACHE)))
+        _TOKEN_CACHE[key] = tokenize_documents(tokenizer, getattr(corpus, part))
+    return _TOKEN_CACHE[key]
 
 
 def calibration_batch(tokenizer, corpus: str | Corpus, num_samples: int = 10, seq_len: int = 64,
