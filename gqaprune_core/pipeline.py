@@ -23,7 +23,8 @@ from gqaprune_core.layer_importance import LayerImportance, layer_importance, lo
 from gqaprune_core.models import count_parameters, layout, load_model
 from gqaprune_core.plan import PruningPlan
 from gqaprune_core.pruner import prune_model_
-from gqaprune_core.schedule import UnitAllocation, allocate_units, layer_rates, unit_costs
+from gqaprune_core.schedule import (UnitAllocation, UnitCost, allocate_units, layer_rates,
+                                    unit_costs)
 
 # (stage, done, total); stages: load, importance, evaluate_before, prune, evaluate_after
 Progress = Callable[[str, int, int], None]
@@ -44,12 +45,19 @@ class PipelineResult:
     ppl_after: list[PerplexityResult] = field(default_factory=list)
 
 
+def prunable_parts(config: PruneConfig, costs: list[UnitCost]) -> list[int]:
+    """Per layer, the parameters of the parts being pruned (attention and/or MLP)."""
+    return [(c.attention if config.prune_attention else 0) + (c.mlp if config.prune_mlp else 0)
+            for c in costs]
+
+
 def prunable_target(config: PruneConfig, model: nn.Module, layer_range: range) -> float:
-    """The requested ratio as a fraction of the attention+MLP parameters in range."""
+    """The requested ratio as a fraction of the prunable parameters (the parts being pruned)
+    of the layers in range."""
     if config.ratio_of == "prunable":
         return config.pruning_ratio
-    costs = unit_costs(model)
-    prunable = sum(costs[i].attention + costs[i].mlp for i in layer_range)
+    parts = prunable_parts(config, unit_costs(model))
+    prunable = sum(parts[i] for i in layer_range)
     target = config.pruning_ratio * count_parameters(model) / prunable
     if target >= 1.0:
         raise ValueError(f"removing {config.pruning_ratio:.0%} of all parameters would need "
@@ -70,7 +78,7 @@ def plan_units(config: PruneConfig, model: nn.Module, importance: LayerImportanc
     target = prunable_target(config, model, range(config.layer_start, end))
     rates = layer_rates(importance.scores, target, config.pruning_strategy, config.alpha,
                         config.min_pruning_rate, config.max_pruning_rate, config.layer_start, end,
-                        weights=[c.attention + c.mlp for c in costs])
+                        weights=prunable_parts(config, costs))
     allocation = allocate_units(shapes, costs, rates, importance.scores,
                                 prune_attention=config.prune_attention, prune_mlp=config.prune_mlp)
     return rates, allocation
