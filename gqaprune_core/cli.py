@@ -42,7 +42,8 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 CONFIG_FLAGS = (
     "base_model", "pruning_ratio", "ratio_of", "importance_method", "pruning_strategy", "alpha",
     "min_pruning_rate", "max_pruning_rate", "layer_start", "layer_end", "importance_samples",
-    "importance_seq_len", "num_examples", "seq_len", "prune_mlp", "mode", "unit_importance",
+    "importance_seq_len", "num_examples", "seq_len", "prune_mlp", "prune_attention", "mode",
+    "unit_importance", "compensate", "refit_ridge",
     "calibration_dataset", "eval_datasets", "eval_seq_len", "max_eval_windows", "seed", "device",
     "dtype",
 )
@@ -116,6 +117,8 @@ def _add_pruning_flags(parser: argparse.ArgumentParser, d: PruneConfig) -> None:
     group.add_argument("--prune_mlp", action=argparse.BooleanOptionalAction, help=(
         "also prune MLP channels; without it only attention (whole GQA groups) is pruned, as "
         "in the original script (with --preset: the preset's choice)"))
+    group.add_argument("--prune_attention", action=argparse.BooleanOptionalAction, help=(
+        "prune whole GQA groups (default: on; --no-prune_attention prunes MLP channels only)"))
 
 
 def _add_importance_flags(parser: argparse.ArgumentParser, d: PruneConfig) -> None:
@@ -142,6 +145,13 @@ def _add_importance_flags(parser: argparse.ArgumentParser, d: PruneConfig) -> No
     group.add_argument("--mode", choices=MODES, help=(
         "'sequential' rescores each layer after cutting the previous ones, 'one-shot' scores "
         f"all layers once (default: {d.mode})"))
+    group.add_argument("--compensate", action=argparse.BooleanOptionalAction, help=(
+        "choose MLP channels by their output energy on calibration data and re-fit down_proj "
+        "by ridge least squares toward the original weights (default: off; on in the "
+        "'default' preset)"))
+    group.add_argument("--refit_ridge", type=float, help=(
+        f"ridge strength of the re-fit, relative to the mean activation energy "
+        f"(default: {d.refit_ridge})"))
 
 
 def _add_data_flags(parser: argparse.ArgumentParser, d: PruneConfig) -> None:
