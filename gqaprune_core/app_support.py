@@ -1,0 +1,485 @@
+"""Pure helpers behind the Streamlit app: model facts, tables, rate previews, runs, jobs.
+
+Nothing here imports streamlit (nor plotly: the figures live in ``pages/_charts.py``), so the
+app's logic is testable without a UI and importing ``gqaprune_core`` never pulls in the UI.
+Notation: L layers, H query heads, G KV heads (groups), D head_dim, I MLP width.
+
+The model a page works on is shared by every user of the app (``st.cache_resource``), so:
+
+- nothing here cuts or edits it; a pruning job deep-copies it first;
+- work that registers hooks on it or flips ``requires_grad`` (layer importance, Taylor scores)
+  or copies it holds :data:`SHARED_MODEL_LOCK`, so that one user's hooks never fire during, or
+  get copied into, another user's job.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import threading
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import nn
+
+from gqaprune_core.config import STRATEGIES, PruneConfig
+from gqaprune_core.geometry import kv_head_of
+from gqaprune_core.layer_importance import LayerImportance
+from gqaprune_core.models import LayerLayout, count_parameters, layout
+from gqaprune_core.schedule import UnitAllocation, unit_costs
+
+SHARED_MODEL_LOCK = threading.RLock()
+
+
+def default_source() -> str:
+    """The model source the app starts with: ``$GQAPRUNE_APP_MODEL`` or the demo model."""
+    return os.environ.get("GQAPRUNE_APP_MODEL", "demo").strip() or "demo"
+
+
+# ---- the model --------------------------------------------------------------------------------
+
+def memory_bytes(model: nn.Module) -> int:
+    """Bytes held by the model's distinct parameters and buffers."""
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def model_summary(model: nn.Module) -> dict[str, Any]:
+    """Headline facts for the Model page; per-layer values shown as ``min–max`` when they vary."""
+    shapes = layout(model)
+
+    def span(values: list[int]) -> str:
+        low, high = min(values), max(values)
+        return f"{low}" if low == high else f"{low}–{high}"
+
+    first = next(model.parameters())
+    return {"layers": len(shapes), "query heads": span([s.q_heads for s in shapes]),
+            "KV heads": span([s.kv_heads for s in shapes]),
+            "q_per_kv": span([s.q_per_kv for s in shapes]),
+            "head_dim": span([s.head_dim for s in shapes]),
+            "MLP width": span([s.mlp_width for s in shapes]),
+            "parameters": count_parameters(model), "memory_bytes": memory_bytes(model),
+            "dtype": str(first.dtype).removeprefix("torch."), "device": str(first.device)}
+
+
+def architecture_table(model: nn.Module) -> pd.DataFrame:
+    """One row per layer: H, G, q_per_kv, D, I and the parameters of attention and MLP."""
+    rows = [{"layer": s.layer, "query heads": s.q_heads, "KV heads": s.kv_heads,
+             "q_per_kv": s.q_per_kv, "head_dim": s.head_dim, "MLP width": s.mlp_width,
+             "attention params": c.attention, "MLP params": c.mlp,
+             "params per GQA group": c.group, "params per MLP channel": c.channel}
+            for s, c in zip(layout(model), unit_costs(model))]
+    return pd.DataFrame(rows)
+
+
+def component_table(model: nn.Module) -> pd.DataFrame:
+    """Parameters and memory by component (embeddings, attention, MLP, norms, ...)."""
+    from gqaprune_core.analyze import component_parameters
+
+    counts = component_parameters(model)
+    bytes_per = next(model.parameters()).element_size()
+    total = counts["total"]
+    rows = [{"component": name, "parameters": n, "share %": round(100 * n / total, 2),
+             "memory MiB": round(n * bytes_per / 2**20, 2)}
+            for name, n in counts.items() if name != "total" and n]
+    rows.append({"component": "total", "parameters": total, "share %": 100.0,
+                 "memory MiB": round(total * bytes_per / 2**20, 2)})
+    return pd.DataFrame(rows)
+
+
+def human_count(count: int) -> str:
+    """``134.5 M``, ``45.2 k``, ``812``."""
+    for scale, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(count) >= scale:
+            return f"{count / scale:.1f} {unit}"
+    return str(count)
+
+
+def human_bytes(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def greedy_generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 24) -> str:
+    """The greedy continuation of ``prompt`` (new text only)."""
+    device = next(model.parameters()).device
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+# ---- GQA teaching -----------------------------------------------------------------------------
+
+def head_mapping(q_heads: int, kv_heads: int, kept_q: Sequence[int], kept_kv: Sequence[int]
+                 ) -> pd.DataFrame:
+    """Which KV head each remaining query head reads after a cut.
+
+    The attention module pairs query head at *position* ``i`` with KV head at position
+    ``i // (len(kept_q) / len(kept_kv))``, whatever it was trained with. A row is ``intact`` when
+    that KV head is the one the query head was trained with.
+    """
+    if not kept_kv or len(kept_q) % len(kept_kv):
+        raise ValueError(f"{len(kept_q)} query heads cannot share {len(kept_kv)} KV heads evenly")
+    q_per_kv, new_q_per_kv = q_heads // kv_heads, len(kept_q) // len(kept_kv)
+    rows = []
+    for position, head in enumerate(kept_q):
+        trained = kv_head_of(head, q_per_kv)
+        reads = kept_kv[kv_head_of(position, new_q_per_kv)]
+        rows.append({"position": position, "query head": head, "trained with KV head": trained,
+                     "reads KV head": reads, "intact": trained == reads})
+    return pd.DataFrame(rows)
+
+
+def group_cut(q_heads: int, kv_heads: int, removed_groups: Sequence[int]
+              ) -> tuple[list[int], list[int]]:
+    """(kept query heads, kept KV heads) when whole groups are removed."""
+    q_per_kv = q_heads // kv_heads
+    kept_kv = [g for g in range(kv_heads) if g not in set(removed_groups)]
+    return [h for h in range(q_heads) if kv_head_of(h, q_per_kv) in kept_kv], kept_kv
+
+
+def example_naive_heads(q_heads: int, kv_heads: int) -> list[int]:
+    """q_per_kv query heads spread over the groups: what scoring heads one by one may pick."""
+    q_per_kv = q_heads // kv_heads
+    picked: list[int] = []
+    for i in range(q_heads * 2):
+        head = (i * (q_per_kv + 1)) % q_heads
+        if head not in picked:
+            picked.append(head)
+        if len(picked) == q_per_kv:
+            break
+    return sorted(picked)
+
+
+@dataclass(frozen=True)
+class HeadScores:
+    """Taylor scores per layer: per GQA group (G,), per query head (H,), per KV head (G,)."""
+
+    groups: list[list[float]]
+    query_heads: list[list[float]]
+    kv_heads: list[list[float]]
+    samples: int
+    seq_len: int
+
+    def table(self) -> pd.DataFrame:
+        rows = []
+        for layer, scores in enumerate(self.groups):
+            total = sum(scores) or 1.0
+            rows += [{"layer": layer, "group": g, "score": s, "share %": 100 * s / total}
+                     for g, s in enumerate(scores)]
+        return pd.DataFrame(rows)
+
+
+def taylor_head_scores(model: nn.Module, tokenizer, corpus: str = "demo", samples: int = 8,
+                       seq_len: int = 64, seed: int = 0,
+                       progress: Callable[[int, int], None] | None = None) -> HeadScores:
+    """First-order Taylor scores of every group, query head and KV head (holds the model lock)."""
+    from gqaprune_core.data import calibration_batch
+    from gqaprune_core.unit_importance import (group_scores, kv_head_scores, layer_saliency,
+                                               query_head_scores)
+
+    batches = calibration_batch(tokenizer, corpus, samples, seq_len, seed)
+    with SHARED_MODEL_LOCK:
+        saliency = layer_saliency(model, "taylor", batches, chunk_size=4, progress=progress)
+    shapes = layout(model)
+    groups, queries, kvs = [], [], []
+    for s in shapes:
+        sal = saliency[s.layer]
+        groups.append(group_scores(sal, s.q_per_kv, s.head_dim).tolist())
+        queries.append(query_head_scores(sal, s.head_dim).tolist())
+        kvs.append(kv_head_scores(sal, s.head_dim).tolist())
+    return HeadScores(groups, queries, kvs, samples, seq_len)
+
+
+# ---- layer importance and rates ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RatePreview:
+    """What a set of tuning settings would do, computed without touching the weights."""
+
+    rates: list[float]
+    allocation: UnitAllocation
+    achieved: list[float]  # per layer: removed / parameters of the pruned parts
+    table: pd.DataFrame
+    params_total: int
+
+    @property
+    def params_after(self) -> int:
+        return self.params_total - self.allocation.params_removed
+
+
+def achieved_rates(shapes: Sequence[LayerLayout], costs, allocation: UnitAllocation,
+                   prune_attention: bool, prune_mlp: bool) -> list[float]:
+    """Per layer: parameters the whole units remove / parameters of the pruned parts."""
+    result = []
+    for s, c, groups, channels in zip(shapes, costs, allocation.groups_to_keep,
+                                      allocation.channels_to_keep):
+        part = (c.attention if prune_attention else 0) + (c.mlp if prune_mlp else 0)
+        removed = (s.kv_heads - groups) * c.group + (s.mlp_width - channels) * c.channel
+        result.append(removed / part if part else 0.0)
+    return result
+
+
+def rate_preview(config: PruneConfig, model: nn.Module, importance: LayerImportance
+                 ) -> RatePreview:
+    """Per-layer rates and whole units kept for ``config`` (raises the library's ValueError)."""
+    from gqaprune_core.pipeline import plan_units
+
+    rates, allocation = plan_units(config, model, importance)
+    shapes, costs = layout(model), unit_costs(model)
+    achieved = achieved_rates(shapes, costs, allocation, config.prune_attention, config.prune_mlp)
+    rows = [{"layer": s.layer, "score": importance.scores[s.layer], "rate %": 100 * rate,
+             "achieved %": 100 * done, "KV groups kept": f"{g} / {s.kv_heads}",
+             "query heads kept": f"{g * s.q_per_kv} / {s.q_heads}",
+             "MLP channels kept": f"{m} / {s.mlp_width}"}
+            for s, rate, done, g, m in zip(shapes, rates, achieved, allocation.groups_to_keep,
+                                           allocation.channels_to_keep)]
+    return RatePreview(rates, allocation, achieved, pd.DataFrame(rows), count_parameters(model))
+
+
+def strategy_rates(config: PruneConfig, model: nn.Module, importance: LayerImportance
+                   ) -> dict[str, list[float]]:
+    """The per-layer rates every strategy would give with the other settings unchanged."""
+    from gqaprune_core.pipeline import plan_units
+
+    result = {}
+    for strategy in STRATEGIES:
+        try:
+            result[strategy] = plan_units(config.with_(pruning_strategy=strategy), model,
+                                          importance)[0]
+        except ValueError:
+            continue  # the chosen strategy's own error is shown; skip the overlay
+    return result
+
+
+# ---- pruning runs -----------------------------------------------------------------------------
+
+@dataclass
+class PruneRun:
+    """A finished pruning run as the app keeps it (``model`` may be dropped to free memory)."""
+
+    config: PruneConfig
+    report: dict
+    plan: Any
+    model: nn.Module | None
+    tokenizer: Any
+    prompt: str
+    text_before: str
+    text_after: str
+    seconds: float
+    number: int = 0
+
+    @property
+    def label(self) -> str:
+        c = self.config
+        parts = "attn+MLP" if c.prune_attention and c.prune_mlp else (
+            "attn" if c.prune_attention else "MLP")
+        return (f"run {self.number}: {c.pruning_ratio:.0%} {c.pruning_strategy} α={c.alpha:g} "
+                f"{parts} {c.unit_importance}")
+
+
+def prune_job(config: PruneConfig, model: nn.Module, tokenizer, importance: LayerImportance | None,
+              prompt: str, max_new_tokens: int, progress: Callable[[str, int, int], None]
+              ) -> PruneRun:
+    """Copy the shared model, prune and evaluate the copy, and generate before and after."""
+    from gqaprune_core.pipeline import run_pipeline
+
+    start = time.perf_counter()
+    progress("copy model", 0, 1)
+    with SHARED_MODEL_LOCK:
+        working = copy.deepcopy(model)
+    progress("generate before", 0, 1)
+    text_before = greedy_generate(working, tokenizer, prompt, max_new_tokens) if prompt else ""
+    if importance is None:
+        with SHARED_MODEL_LOCK:  # computed on the copy: same weights, so the same disk cache
+            result = run_pipeline(config, working, tokenizer, copy_model=False, progress=progress)
+    else:
+        result = run_pipeline(config, working, tokenizer, importance=importance,
+                              copy_model=False, progress=progress)
+    progress("generate after", 0, 1)
+    text_after = greedy_generate(result.model, tokenizer, prompt, max_new_tokens) if prompt else ""
+    return PruneRun(config, result.report, result.plan, result.model, tokenizer, prompt,
+                    text_before, text_after, time.perf_counter() - start)
+
+
+def layer_counts_table(report: dict) -> pd.DataFrame:
+    rows = [{"layer": r["layer"], "rate %": round(100 * r["rate"], 1),
+             "Q heads before": r["q_heads_before"], "Q heads after": r["q_heads"],
+             "KV heads before": r["kv_heads_before"], "KV heads after": r["kv_heads"],
+             "MLP before": r["mlp_before"], "MLP after": r["mlp"]} for r in report["layers"]]
+    return pd.DataFrame(rows)
+
+
+def perplexity_table(report: dict) -> pd.DataFrame:
+    rows = []
+    for corpus, before in report.get("ppl_before", {}).items():
+        after = report.get("ppl_after", {}).get(corpus)
+        if after is None:
+            continue
+        rows.append({"corpus": corpus, "perplexity before": before["value"],
+                     "perplexity after": after["value"],
+                     "delta": after["value"] - before["value"],
+                     "delta %": 100 * (after["value"] / before["value"] - 1),
+                     "windows × tokens": f"{after['windows']} × {after['seq_len']}"})
+    return pd.DataFrame(rows)
+
+
+def runs_table(runs: Sequence[PruneRun]) -> pd.DataFrame:
+    """One row per run: settings, parameters and perplexity per corpus, side by side."""
+    rows = []
+    for run in runs:
+        c, r = run.config, run.report
+        row = {"run": run.number, "target %": 100 * c.pruning_ratio, "of": c.ratio_of,
+               "strategy": c.pruning_strategy, "alpha": c.alpha,
+               "parts": "+".join(p for p, on in (("attn", c.prune_attention), ("MLP", c.prune_mlp))
+                                 if on),
+               "units": c.unit_importance, "mode": c.mode,
+               "params after": r["params_after"],
+               "removed % of all": round(100 * r["ratio_achieved_total"], 2)}
+        for corpus, after in r.get("ppl_after", {}).items():
+            before = r["ppl_before"].get(corpus, {}).get("value")
+            row[f"ppl {corpus}"] = round(after["value"], 2)
+            if before:
+                row[f"Δ% {corpus}"] = round(100 * (after["value"] / before - 1), 1)
+        row["seconds"] = round(run.seconds, 1)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def run_directory_name(run: PruneRun, now: datetime | None = None) -> str:
+    """A plain directory name such as ``app-demo-20pct-20250101-120000``."""
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(str(run.config.base_model)).name).strip("-.")
+    stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
+    return f"app-{stem or 'model'}-{round(100 * run.config.pruning_ratio)}pct-{stamp}"
+
+
+def save_run(run: PruneRun, name: str, output_dir: str | os.PathLike = "prune_log") -> Path:
+    """Write ``OUTPUT_DIR/NAME/model/`` (checkpoint) and ``report.json``, like the CLI.
+
+    Raises:
+        ValueError: a bad name, an existing non-empty target, or a run without its model.
+    """
+    from gqaprune_core.checkpoint import save_pruned
+    from gqaprune_core.outputs import MODEL_DIR_NAME, REPORT_NAME, run_paths, write_json_atomic
+
+    if run.model is None:
+        raise ValueError(f"run {run.number}'s model is no longer in memory; run it again to save it")
+    paths = run_paths(output_dir, name.strip(), "app")
+    if (paths.root / REPORT_NAME).exists() or (paths.root / MODEL_DIR_NAME).exists():
+        raise ValueError(f"{str(paths.root)!r} already holds a saved run; choose another name")
+    save_pruned(run.model, run.tokenizer, run.plan, paths.model)
+    write_json_atomic(paths.report, run.report)
+    return paths.root
+
+
+# ---- background jobs --------------------------------------------------------------------------
+
+@dataclass
+class Job:
+    """Plain state a worker thread writes and the UI polls."""
+
+    name: str
+    status: str = "running"  # running | done | error
+    stage: str = "starting"
+    done: int = 0
+    total: int = 0
+    result: Any = None
+    error: str = ""
+    details: str = ""
+    started: float = field(default_factory=time.time)
+    finished: float | None = None
+
+    def progress(self, stage: str, done: int, total: int) -> None:
+        self.stage, self.done, self.total = stage, done, total
+
+    @property
+    def running(self) -> bool:
+        return self.status == "running"
+
+    @property
+    def fraction(self) -> float:
+        return min(1.0, self.done / self.total) if self.total else 0.0
+
+    @property
+    def elapsed(self) -> float:
+        return (self.finished or time.time()) - self.started
+
+
+class JobRegistry:
+    """Jobs keyed by (owner, name), one running per key; they outlive page changes and reruns.
+
+    ``synchronous`` (or ``GQAPRUNE_APP_SYNC_JOBS=1``) runs work inside :meth:`submit`, for tests.
+    """
+
+    def __init__(self, synchronous: bool | None = None, keep_seconds: float = 3600.0):
+        if synchronous is None:
+            synchronous = os.environ.get("GQAPRUNE_APP_SYNC_JOBS", "") not in ("", "0")
+        self.synchronous = synchronous
+        self.keep_seconds = keep_seconds
+        self._jobs: dict[tuple[str, str], Job] = {}
+        self._lock = threading.Lock()
+
+    def submit(self, owner: str, name: str, work: Callable[[Job], Any]) -> Job:
+        """Start ``work(job)``; its return value becomes ``job.result``.
+
+        Raises:
+            RuntimeError: a job of that name is still running for this owner.
+        """
+        with self._lock:
+            self._forget_stale()
+            current = self._jobs.get((owner, name))
+            if current is not None and current.running:
+                raise RuntimeError(f"a {name} job is already running (stage {current.stage})")
+            job = self._jobs[(owner, name)] = Job(name)
+        if self.synchronous:
+            self._run(job, work)
+        else:
+            threading.Thread(target=self._run, args=(job, work), daemon=True,
+                             name=f"gqaprune-{name}").start()
+        return job
+
+    @staticmethod
+    def _run(job: Job, work: Callable[[Job], Any]) -> None:
+        try:
+            job.result = work(job)
+            job.status = "done"
+        except Exception as err:  # the worker's boundary: every failure must reach the UI
+            job.error = f"{type(err).__name__}: {err}"
+            job.details = traceback.format_exc()
+            job.status = "error"
+        finally:
+            job.finished = time.time()
+
+    def get(self, owner: str, name: str) -> Job | None:
+        return self._jobs.get((owner, name))
+
+    def pop(self, owner: str, name: str) -> Job | None:
+        """Remove and return a finished job (None if absent or still running)."""
+        with self._lock:
+            job = self._jobs.get((owner, name))
+            if job is None or job.running:
+                return None
+            return self._jobs.pop((owner, name))
+
+    def _forget_stale(self) -> None:
+        now = time.time()
+        for key, job in list(self._jobs.items()):
+            if job.finished is not None and now - job.finished > self.keep_seconds:
+                del self._jobs[key]
+
+
+JOBS = JobRegistry()
