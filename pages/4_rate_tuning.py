@@ -1,0 +1,136 @@
+"""Rate tuning: what-if per-layer pruning rates, redrawn live as the sliders move."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from gqaprune_core import app_support as support
+from gqaprune_core.config import STRATEGIES, PruneConfig
+from gqaprune_core.layer_importance import layer_importance
+from gqaprune_core.models import layout
+from gqaprune_core.pipeline import prunable_target
+from pages import _charts, _ui
+
+_ui.page_setup("Rate tuning")
+st.title("Rate tuning")
+loaded = _ui.require_model()
+STRATEGY_HELP = {"inverse": "important layers are pruned less (default)",
+                 "proportional": "important layers are pruned more",
+                 "uniform": "every layer in range gets the target"}
+
+
+def importance_or_stop():
+    """This model's layer scores; offers to compute them (settings of the importance page)."""
+    importance = _ui.importance_store().get(loaded.key)
+    if importance is not None:
+        return importance
+    method = st.session_state.get("importance_method", "removal")
+    samples = int(st.session_state.get("importance_samples", _ui.defaults()["importance_samples"]))
+    st.info(f"Rates follow the layer scores, and there are none yet for this model. Compute them "
+            f"here ({method}, {samples} windows of 128 tokens; a cache hit is instant) or choose "
+            "other settings on the Layer importance page.")
+    if st.button("Compute layer importance", type="primary",
+                 disabled=_ui.job_running("importance")):
+        model, tokenizer, source = loaded.model, loaded.tokenizer, loaded.source
+
+        def work(job: support.Job):
+            with support.SHARED_MODEL_LOCK:
+                return layer_importance(model, tokenizer, method, "demo", samples, 128,
+                                        model_id=source,
+                                        progress=lambda d, t: job.progress("importance", d, t))
+
+        _ui.submit("importance", work)
+    job = _ui.finished_job("importance")
+    if job is not None:
+        if job.error:
+            _ui.show_job_error(job)
+        else:
+            _ui.importance_store()[loaded.key] = job.result
+            st.rerun()
+    st.stop()
+
+
+def settings_widgets(layers: int) -> dict:
+    """The tuning widgets; their values persist across pages."""
+    keep = {"persist_state": "session"}
+    target = st.slider("Target pruning ratio", 0.0, 0.9, 0.2, 0.01, key="tune_ratio",
+                       format="percent", **keep,
+                       help="Fraction of parameters to remove (see 'of' below).")
+    ratio_of = st.radio("Ratio of", ["prunable", "total"], horizontal=True, key="tune_ratio_of",
+                        format_func={"prunable": "attention + MLP of the pruned layers",
+                                     "total": "all parameters"}.get, **keep)
+    strategy = st.segmented_control("Strategy", STRATEGIES, default="inverse", required=True,
+                                    key="tune_strategy", help=" · ".join(
+                                        f"{k}: {v}" for k, v in STRATEGY_HELP.items()), **keep)
+    alpha = st.slider("alpha (how strongly scores spread the rates)", 0.0, 5.0, 1.0, 0.1,
+                      key="tune_alpha", **keep,
+                      help="The most and least favoured layers differ by a factor 2^alpha before "
+                           "clipping; 0 is uniform.")
+    low, high = st.columns(2)
+    min_rate = low.slider("min rate", 0.0, 0.95, 0.15, 0.01, key="tune_min", format="percent",
+                          **keep)
+    max_rate = high.slider("max rate", 0.0, 0.95, 0.5, 0.01, key="tune_max", format="percent",
+                           **keep)
+    first, last = st.slider("Layers to prune", 0, layers - 1, (0, layers - 1), key="tune_layers",
+                            **keep)
+    st.markdown("Prune")
+    attention, mlp = st.columns(2)
+    prune_attention = attention.toggle("attention groups", True, key="tune_attention", **keep)
+    prune_mlp = mlp.toggle("MLP channels", True, key="tune_mlp", **keep)
+    return {"pruning_ratio": target, "ratio_of": ratio_of, "pruning_strategy": strategy,
+            "alpha": alpha, "min_pruning_rate": min_rate, "max_pruning_rate": max_rate,
+            "layer_start": first, "layer_end": None if last == layers - 1 else last + 1,
+            "prune_attention": prune_attention, "prune_mlp": prune_mlp}
+
+
+@st.fragment
+def tuner(importance) -> None:
+    """Widgets and plan; a slider move reruns only this fragment (no importance recomputed)."""
+    model = loaded.model
+    controls, view = st.columns([1, 2], gap="large")
+    with controls:
+        settings = settings_widgets(len(layout(model)))
+        compare = st.toggle("Overlay the other strategies", True, key="tune_compare",
+                            persist_state="session")
+    with view:
+        try:
+            config = PruneConfig(base_model=loaded.source, **settings)
+            preview = support.rate_preview(config, model, importance)
+            end = len(preview.rates) if config.layer_end is None else config.layer_end
+            target = prunable_target(config, model, range(config.layer_start, end))
+        except ValueError as err:  # the library names the impossible setting
+            st.warning(f"These settings cannot be met: {err}")
+            return
+        st.session_state["tuning"] = settings  # what the Prune page will run
+        allocation = preview.allocation
+        removed_total = allocation.params_removed / preview.params_total
+        cells = st.columns(3)
+        cells[0].metric("parameters after", support.human_count(preview.params_after),
+                        f"−{removed_total:.1%} of all", delta_color="off", delta_arrow="off",
+                        help=f"{preview.params_after:,} of {preview.params_total:,}")
+        cells[1].metric("removed of the pruned parts", f"{allocation.ratio_achieved:.1%}",
+                        f"requested {allocation.ratio_requested:.1%}", delta_color="off",
+                        delta_arrow="off")
+        cells[2].metric("GQA groups kept",
+                        f"{sum(allocation.groups_to_keep)} / "
+                        f"{sum(s.kv_heads for s in layout(model))}")
+        if not allocation.budget_met:
+            st.caption("Whole GQA groups are coarse: with attention alone the budget can be "
+                       "missed by up to one group per layer.")
+        overlays = support.strategy_rates(config, model, importance) if compare else None
+        st.plotly_chart(_charts.rates_figure(preview, config, target, overlays),
+                        key="rates_chart")
+    st.markdown("**What each layer would keep**")
+    st.dataframe(preview.table, hide_index=True,
+                 column_config={"score": st.column_config.NumberColumn(format="%.4g"),
+                                "rate %": st.column_config.NumberColumn(format="%.1f"),
+                                "achieved %": st.column_config.NumberColumn(format="%.1f")})
+
+
+importance = importance_or_stop()
+st.markdown(f"Scores: **{importance.method}** on {importance.inputs.get('samples')} windows. "
+            "Bars are the planned per-layer rates, diamonds what whole units (groups, channels) "
+            "achieve, the grey band is [min, max] over the pruned layers.")
+tuner(importance)
+st.page_link(_ui.PRUNE_PAGE, label="Next: prune with these settings",
+             icon=":material/content_cut:")

@@ -1,0 +1,178 @@
+"""Prune & evaluate: run the pipeline on a copy of the model in the background; compare runs."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from gqaprune_core import app_support as support
+from gqaprune_core.config import MODES, UNIT_METHODS, PruneConfig
+from pages import _charts, _ui
+
+KEEP_MODELS = 3  # pruned models kept in memory (for Export); older runs keep their report only
+UNIT_HELP = {"taylor": "taylor: |weight × gradient| (default)", "magnitude": "magnitude: weight norm",
+             "activation": "activation: |weight| × input norm (Wanda-style)",
+             "random": "random: a baseline that knows nothing",
+             "naive-heads": "naive-heads: the anti-example that scrambles GQA (see GQA structure)"}
+
+_ui.page_setup("Prune & evaluate")
+st.title("Prune & evaluate")
+loaded = _ui.require_model()
+tuning = st.session_state.get("tuning")
+importance = _ui.importance_store().get(loaded.key)
+runs: list[support.PruneRun] = st.session_state.setdefault("runs", [])
+
+
+def describe_settings() -> None:
+    if tuning is None:
+        st.info("No settings from **Rate tuning** yet: this run uses the defaults (20 % of the "
+                "attention and MLP parameters, inverse strategy).")
+    else:
+        t = tuning
+        parts = " + ".join(p for p, on in (("attention", t["prune_attention"]),
+                                           ("MLP", t["prune_mlp"])) if on)
+        end = "last" if t["layer_end"] is None else t["layer_end"] - 1
+        st.markdown(f"Settings from **Rate tuning**: remove **{t['pruning_ratio']:.0%}** of the "
+                    f"{'prunable' if t['ratio_of'] == 'prunable' else 'total'} parameters, "
+                    f"**{t['pruning_strategy']}** strategy, α = {t['alpha']:g}, rates in "
+                    f"[{t['min_pruning_rate']:.0%}, {t['max_pruning_rate']:.0%}], layers "
+                    f"{t['layer_start']}–{end}, pruning {parts}.")
+    st.page_link(_ui.TUNING_PAGE, label="Change them on Rate tuning", icon=":material/tune:")
+    if importance is None:
+        st.caption("No layer scores computed for this model yet: the run computes them first "
+                   "(or reads them from the disk cache).")
+
+
+def run_settings() -> tuple[PruneConfig, str, int] | None:
+    """The form of run-only settings; returns the config when the run was requested."""
+    d = _ui.defaults()
+    with st.form("run_form"):
+        a, b, c = st.columns(3)
+        unit = a.selectbox("Unit importance", UNIT_METHODS, format_func=UNIT_HELP.get,
+                           key="run_unit", help="How the groups and channels of a layer are "
+                                                "ranked before the weakest are cut.")
+        mode = b.selectbox("Mode", MODES, key="run_mode",
+                           help="sequential: layers scored and cut one at a time (the original); "
+                                "one-shot: one gradient pass scores all layers.")
+        corpora = c.multiselect("Evaluate perplexity on", ["demo", "pydoc"], default=["demo"],
+                                key="run_corpora", help="demo: news; pydoc: Python docs. "
+                                                        "Empty: no evaluation.")
+        with st.expander("Sample counts and generation (small defaults for a CPU)"):
+            a, b, c = st.columns(3)
+            examples = a.number_input("Calibration windows", 1, 512, d["num_examples"],
+                                      key="run_examples", help="For Taylor / activation scores.")
+            seq_len = a.number_input("Tokens per calibration window", 8, 2048, d["seq_len"],
+                                     step=8, key="run_seq_len")
+            eval_len = b.number_input("Evaluation window (tokens)", 16, 4096, d["eval_seq_len"],
+                                      step=16, key="run_eval_len")
+            windows = b.number_input("Evaluation windows per corpus", 1, 512,
+                                     d["max_eval_windows"], key="run_windows")
+            prompt = c.text_input("Prompt for greedy generation", "The capital of France is",
+                                  key="run_prompt", help="Generated before and after pruning; "
+                                                         "empty: no generation.")
+            tokens = c.number_input("New tokens", 0, 256, d["max_new_tokens"], key="run_tokens")
+        start = st.form_submit_button("Prune a copy of the model", type="primary",
+                                      disabled=_ui.job_running("prune"))
+    if not start:
+        return None
+    settings = dict(tuning or {})
+    if importance is not None:
+        settings |= {"importance_method": importance.method,
+                     "importance_samples": importance.inputs.get("samples", 50),
+                     "importance_seq_len": importance.inputs.get("seq_len", 128),
+                     "calibration_dataset": importance.inputs.get("corpus", "demo")}
+    else:
+        settings["importance_samples"] = d["importance_samples"]
+    try:
+        config = PruneConfig(base_model=loaded.source, device=loaded.device,
+                             dtype=None if loaded.dtype == "auto" else loaded.dtype,
+                             unit_importance=unit, mode=mode, num_examples=int(examples),
+                             seq_len=int(seq_len), eval_datasets=tuple(corpora),
+                             eval_seq_len=int(eval_len), max_eval_windows=int(windows),
+                             **settings)
+    except ValueError as err:
+        st.warning(f"These settings cannot be run: {err}")
+        return None
+    return config, prompt, int(tokens)
+
+
+def start_run(config: PruneConfig, prompt: str, tokens: int) -> None:
+    model, tokenizer = loaded.model, loaded.tokenizer
+    scores = importance
+
+    def work(job: support.Job) -> support.PruneRun:
+        return support.prune_job(config, model, tokenizer, scores, prompt, tokens, job.progress)
+
+    _ui.submit("prune", work)
+
+
+def collect_finished() -> None:
+    job = _ui.finished_job("prune")
+    if job is None:
+        return
+    if job.error:
+        _ui.show_job_error(job)
+        return
+    run = job.result
+    run.number = max((r.number for r in runs), default=0) + 1
+    runs.append(run)
+    for old in runs[:-KEEP_MODELS]:
+        old.model = None  # free memory; the report stays
+    st.session_state["shown_run"] = run.number
+
+
+def show_run(run: support.PruneRun) -> None:
+    report = run.report
+    cells = st.columns(4)
+    cells[0].metric("parameters", support.human_count(report["params_after"]),
+                    f"−{report['ratio_achieved_total']:.1%} of all", delta_color="off",
+                    delta_arrow="off")
+    cells[1].metric("removed of the pruned parts", f"{report['ratio_achieved_prunable']:.1%}")
+    ppl = support.perplexity_table(report)
+    for cell, row in zip(cells[2:], ppl.itertuples(index=False)):
+        cell.metric(f"perplexity {row.corpus}", f"{row[2]:.2f}", f"{row[4]:+.1f} %",
+                    delta_color="inverse")
+    left, right = st.columns(2)
+    left.plotly_chart(_charts.head_counts_figure(report), key=f"heads_{run.number}")
+    right.plotly_chart(_charts.mlp_figure(report), key=f"mlp_{run.number}")
+    st.markdown("**Per layer, before and after**")
+    st.dataframe(support.layer_counts_table(report), hide_index=True, key=f"layers_{run.number}")
+    if not ppl.empty:
+        st.markdown("**Perplexity** (lower is better)")
+        st.dataframe(ppl, hide_index=True, column_config={
+            "perplexity before": st.column_config.NumberColumn(format="%.3f"),
+            "perplexity after": st.column_config.NumberColumn(format="%.3f"),
+            "delta": st.column_config.NumberColumn(format="%+.3f"),
+            "delta %": st.column_config.NumberColumn(format="%+.1f %%")})
+    if run.prompt:
+        st.markdown(f"**Greedy generation** from “{run.prompt}”")
+        before, after = st.columns(2)
+        before.text_area("before pruning", run.prompt + run.text_before, disabled=True,
+                         key=f"before_{run.number}")
+        after.text_area("after pruning", run.prompt + run.text_after, disabled=True,
+                        key=f"after_{run.number}")
+    st.caption(f"{run.label} · {run.seconds:.1f} s · timings (s): {report['timings_s']}")
+
+
+describe_settings()
+request = run_settings()
+if request is not None:
+    start_run(*request)
+collect_finished()
+
+if runs:
+    st.subheader("Results")
+    numbers = [r.number for r in runs]
+    shown = st.session_state.get("shown_run", numbers[-1])
+    choice = st.selectbox("Run", numbers, index=numbers.index(shown) if shown in numbers else
+                          len(numbers) - 1, format_func=lambda n: runs[numbers.index(n)].label)
+    st.session_state["shown_run"] = choice
+    show_run(runs[numbers.index(choice)])
+    st.subheader("Compare runs")
+    st.dataframe(support.runs_table(runs), hide_index=True, key="runs_table")
+    if st.button("Forget all runs"):
+        runs.clear()
+        st.rerun()
+    st.page_link(_ui.EXPORT_PAGE, label="Next: export a pruned model", icon=":material/save:")
+elif not _ui.job_running("prune"):
+    st.info("No runs yet: **Prune a copy of the model** starts one. It runs in the background; "
+            "you may move sliders or change page meanwhile.")
