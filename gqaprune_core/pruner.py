@@ -79,6 +79,8 @@ def prune_model_(model: nn.Module, calibration: torch.Tensor | None, groups_to_k
             if g < s.kv_heads or c < s.mlp_width]
     plan = identity_plan(shapes, unit_importance)
     plan = PruningPlan(plan.layers, unit_importance, {"mode": mode})
+    if not todo:  # nothing to cut: no scoring pass
+        return plan
     if mode == "one-shot":
         saliency = layer_saliency(model, method, calibration, todo, seed, chunk_size)
         for done, index in enumerate(todo):
