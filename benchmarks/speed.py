@@ -1,0 +1,378 @@
+"""Wall time of each pruning stage, and of the whole pipeline, on CPU or GPU.
+
+    python benchmarks/speed.py                                      # demo model, CPU
+    python benchmarks/speed.py --shape llama3-8b --random-weights   # Llama-3-8B shape, GPU
+    python benchmarks/speed.py --shape tiny-llama --random-weights  # smoke test, CPU
+
+Stages: load (or build), a large matmul (the device's measured peak), layer importance by
+removal (prefix reuse, the library), removal without prefix reuse (baselines.py), activation and
+block influence, Taylor unit scores (one-shot, and pruning one-shot and sequential), surgery,
+evaluation per window, and the whole pipeline with the ``original`` preset next to gqaprune's
+default one (evaluate=False; layer importance computed, not read from a cache). Each stage is
+timed once, after a warm-up forward and backward pass; a stage that fails is recorded with its
+error and the others still run. Forward-only stages also report FLOP/s and the share of the
+measured matmul rate. Writes ``benchmarks/results/speed_cpu.json`` (demo) or
+``speed_<device>_<shape>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+import traceback
+from contextlib import contextmanager
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent)]  # runnable as a script from anywhere
+
+import torch  # noqa: E402
+
+from baselines import naive_removal_importance  # noqa: E402
+from common import (RESULTS_DIR, PeakRSS, Timer, default_preset, header, log, mib,  # noqa: E402
+                    set_threads, temporary_cache, write_json)
+from gqaprune_core.config import PRESETS  # noqa: E402
+from gqaprune_core.evaluate import perplexity  # noqa: E402
+from gqaprune_core.layer_importance import LayerImportance, compute_layer_importance  # noqa: E402
+from gqaprune_core.models import count_parameters, layout  # noqa: E402
+from gqaprune_core.pipeline import plan_units, run_pipeline  # noqa: E402
+from gqaprune_core.pruner import prune_model_  # noqa: E402
+from gqaprune_core.surgery import apply_plan_  # noqa: E402
+from gqaprune_core.unit_importance import layer_saliency  # noqa: E402
+
+SHAPES = {
+    # Meta-Llama-3-8B: 8.03 B parameters, untied embeddings
+    "llama3-8b": {"num_hidden_layers": 32, "hidden_size": 4096, "num_attention_heads": 32,
+                  "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 14336,
+                  "vocab_size": 128256, "rope_theta": 500000.0},
+    # small enough for the CPU smoke test, same code path
+    "tiny-llama": {"num_hidden_layers": 2, "hidden_size": 256, "num_attention_heads": 8,
+                   "num_key_value_heads": 2, "head_dim": 32, "intermediate_size": 688,
+                   "vocab_size": 1024, "rope_theta": 10000.0},
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# models and inputs
+
+
+def build_random(shape: str, device: torch.device, dtype: torch.dtype):
+    """A LlamaForCausalLM of the named shape with random weights, built on ``device``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=8192,
+                         tie_word_embeddings=False, bos_token_id=None, eos_token_id=1,
+                         pad_token_id=1)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # build in the target dtype: no fp32 copy of 8 B weights
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    model.config._attn_implementation = "sdpa"
+    return model.eval()
+
+
+def random_ids(vocab: int, rows: int, length: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab, (rows, length), generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOPs
+
+
+def forward_flops(model, tokens_per_row: int, rows: int, layers_run: float | None = None,
+                  heads_run: int = 1) -> float:
+    """Matmul FLOPs of ``rows`` sequences of ``tokens_per_row`` tokens through ``layers_run``
+    decoder layers (default all) and ``heads_run`` LM-head passes.
+
+    Per token: 2 x (the layer's q/k/v/o and gate/up/down weights) per layer and 2 x E x V for the
+    head; attention adds 2 x T^2 x H x D per sequence and layer (Q K^T and A V, causal: half of
+    the full T x T square). Norms, rotary embeddings and softmax are left out.
+    """
+    shapes = layout(model)
+    hidden = model.config.hidden_size
+    per_layer = sum(2 * hidden * s.q_heads * s.head_dim + 2 * hidden * s.kv_heads * s.head_dim
+                    + 3 * hidden * s.mlp_width for s in shapes) / len(shapes)
+    attention = sum(s.q_heads * s.head_dim for s in shapes) / len(shapes)
+    layers = len(shapes) if layers_run is None else layers_run
+    tokens = rows * tokens_per_row
+    layer_flops = 2 * tokens * per_layer + 2 * rows * tokens_per_row ** 2 * attention
+    head_flops = 2 * tokens * hidden * model.config.vocab_size
+    return layers * layer_flops + heads_run * head_flops
+
+
+def removal_flops(model, ids: torch.Tensor, prefix_reuse: bool) -> float:
+    """Layer evaluations of removal importance: with prefix reuse one full pass, then layers
+    i+1..L-1 and the head for every bypassed i; without, L + 1 full passes less the bypassed
+    layer each time."""
+    count = len(layout(model))
+    rows, length = ids.shape
+    if prefix_reuse:
+        return forward_flops(model, length, rows, count + count * (count - 1) / 2, count + 1)
+    return forward_flops(model, length, rows, (count + 1) * count - count, count + 1)
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype, size: int, repeats: int = 10) -> dict:
+    """FLOP/s of a ``size``-cubed ``torch.matmul`` on random data (mean of ``repeats`` after 3
+    warm-ups): the reference for the share of peak reached by the model's passes."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    for _ in range(3):
+        torch.matmul(a, b)
+    with Timer(cuda=device.type == "cuda") as clock:
+        for _ in range(repeats):
+            torch.matmul(a, b)
+    flops = 2 * size ** 3 * repeats
+    return {"size": size, "dtype": str(dtype), "repeats": repeats, "seconds": clock.seconds,
+            "tflops": flops / clock.seconds / 1e12}
+
+
+# ---------------------------------------------------------------------------------------------
+# stages
+
+
+class Bench:
+    """Collects one record per stage: seconds, peak memory, tokens/s, FLOP/s, errors."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.stages: dict[str, dict] = {}
+        self.peak_tflops: float | None = None
+
+    @contextmanager
+    def stage(self, name: str, tokens: int | None = None, flops: float | None = None):
+        record: dict = {}
+        self.stages[name] = record
+        if self.cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        memory = PeakRSS()
+        try:
+            with memory, Timer(self.cuda) as clock:
+                yield record
+        except Exception as err:  # record and go on: one broken stage must not lose the rest
+            record["error"] = f"{type(err).__name__}: {err}"
+            record["traceback"] = traceback.format_exc(limit=6)
+            log(f"{name}: FAILED {record['error']}")
+            return
+        record["seconds"] = round(clock.seconds, 4)
+        record["peak_rss_mib"] = mib(memory.peak)
+        if self.cuda:
+            record["peak_gpu_mib"] = mib(torch.cuda.max_memory_allocated())
+        tokens = record.pop("tokens", tokens)
+        flops = record.pop("flops", flops)
+        if tokens:
+            record["tokens"] = tokens
+            record["tokens_per_s"] = round(tokens / clock.seconds, 1)
+        if flops:
+            record["tflops"] = round(flops / 1e12, 3)
+            record["tflop_per_s"] = round(flops / clock.seconds / 1e12, 3)
+            if self.peak_tflops:
+                record["fraction_of_matmul_peak"] = round(flops / clock.seconds / 1e12
+                                                          / self.peak_tflops, 4)
+        log(f"{name}: {clock.seconds:.2f} s" + "".join(
+            f", {k} {v}" for k, v in record.items() if k in ("tokens_per_s", "tflop_per_s",
+                                                             "fraction_of_matmul_peak",
+                                                             "peak_gpu_mib")))
+
+
+def warm_up(model, ids: torch.Tensor) -> None:
+    """One forward and backward pass, so that one-time kernel and allocator setup is not
+    charged to the first timed stage."""
+    model(ids.to(next(model.parameters()).device), labels=ids.to(next(model.parameters()).device),
+          use_cache=False).loss.backward()
+    model.zero_grad(set_to_none=True)
+
+
+def importance_stages(bench: Bench, model, ids: torch.Tensor) -> LayerImportance | None:
+    scores = {}
+    rows, length = ids.shape
+    with bench.stage("importance_removal_prefix_reuse", rows * length,
+                     removal_flops(model, ids, True)) as record:
+        scores["prefix"], stats = compute_layer_importance(model, ids, "removal")
+        record["base_ppl"] = stats["base_ppl"]
+    with bench.stage("importance_removal_naive", rows * length,
+                     removal_flops(model, ids, False)):
+        scores["naive"], _ = naive_removal_importance(model, ids)
+    for method in ("activation", "block_influence"):
+        with bench.stage(f"importance_{method}", rows * length,
+                         forward_flops(model, length, rows)):
+            compute_layer_importance(model, ids, method)
+    naive, prefix = bench.stages["importance_removal_naive"], bench.stages[
+        "importance_removal_prefix_reuse"]
+    if "seconds" in naive and "seconds" in prefix:
+        bench.stages["removal_naive_over_prefix_reuse"] = {
+            "ratio": round(naive["seconds"] / prefix["seconds"], 3),
+            "max_abs_score_difference": max(abs(a - b) for a, b in zip(scores["naive"],
+                                                                       scores["prefix"]))}
+    if "prefix" not in scores:
+        return None
+    return LayerImportance("removal", tuple(scores["prefix"]))
+
+
+def unit_stages(bench: Bench, model, ids: torch.Tensor, importance: LayerImportance | None) -> None:
+    rows, length = ids.shape
+    with bench.stage("unit_scores_taylor_one_shot", rows * length):
+        layer_saliency(model, "taylor", ids, None)
+    if importance is None:
+        return
+    config = PRESETS["original"]
+    _, allocation = plan_units(config, model, importance)
+    plans = {}
+    for mode in ("one-shot", "sequential"):
+        pruned = copy.deepcopy(model)
+        with bench.stage(f"prune_taylor_{mode}", rows * length) as record:
+            plans[mode] = prune_model_(pruned, ids, allocation.groups_to_keep,
+                                       allocation.channels_to_keep, "taylor", mode)
+            record["note"] = "scores, plan, cut and validate; original preset's 20% of prunable"
+        del pruned
+    if "one-shot" in plans:
+        pruned = copy.deepcopy(model)
+        with bench.stage("surgery_apply_plan") as record:
+            apply_plan_(pruned, plans["one-shot"])
+            record["note"] = "cut every layer, then validate (forward, KV cache, generate)"
+        bench.stages["surgery_apply_plan"]["params_after"] = count_parameters(pruned)
+        del pruned
+
+
+def evaluation_stage(bench: Bench, model, windows: torch.Tensor) -> None:
+    rows, length = windows.shape
+    perplexity(model, windows[:4], corpus="warm-up")
+    with bench.stage("evaluate", rows * length, forward_flops(model, length, rows)) as record:
+        result = perplexity(model, windows, corpus="eval")
+        record["windows"], record["seq_len"] = rows, length
+        record["ppl"] = result.value
+    if "seconds" in bench.stages["evaluate"]:
+        bench.stages["evaluate"]["seconds_per_window"] = round(
+            bench.stages["evaluate"]["seconds"] / rows, 4)
+
+
+def pipeline_stages(bench: Bench, model, tokenizer, calibration: str, sample_sizes: dict
+                    ) -> None:
+    default, source = default_preset()
+    for name, config in (("original", PRESETS["original"]), ("default", default)):
+        config = config.with_(calibration_dataset=calibration, **sample_sizes)
+        with temporary_cache(), bench.stage(f"pipeline_{name}") as record:
+            result = run_pipeline(config, model, tokenizer, copy_model=True, evaluate=False)
+            record["timings_s"] = result.report["timings_s"]
+            record["params_after"] = result.report["params_after"]
+            record["config"] = config.to_dict()
+            if name == "default":
+                record["preset"] = source
+            del result
+    original, default_run = bench.stages["pipeline_original"], bench.stages["pipeline_default"]
+    if "seconds" in original and "seconds" in default_run:
+        bench.stages["pipeline_default_over_original"] = {
+            "ratio": round(default_run["seconds"] / original["seconds"], 3)}
+
+
+# ---------------------------------------------------------------------------------------------
+# main
+
+
+def parse_args(argv: list[str] | None = None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES),
+                        help="a model shape with random weights instead of the demo model")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="required with --shape: the weights are random, no download")
+    parser.add_argument("--device", default="auto", help="auto: CUDA if available, else CPU")
+    parser.add_argument("--importance-samples", type=int, default=50)
+    parser.add_argument("--importance-seq-len", type=int, default=128)
+    parser.add_argument("--examples", type=int, default=10)
+    parser.add_argument("--example-seq-len", type=int, default=64)
+    parser.add_argument("--eval-windows", type=int, help="default: 8 (demo), 32 (--shape)")
+    parser.add_argument("--eval-seq-len", type=int, default=512)
+    parser.add_argument("--calibration", help="pipeline calibration corpus; default demo, or "
+                        "pydoc with --shape (read through a character tokenizer)")
+    parser.add_argument("--matmul-size", type=int, help="default 8192 on GPU, 2048 on CPU")
+    parser.add_argument("--skip", default="", help="comma-separated stage groups to skip: "
+                        "importance,units,evaluate,pipeline")
+    parser.add_argument("--dtype", help="default bfloat16 on GPU, float32 on CPU")
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    if args.shape and not args.random_weights:
+        parser.error("--shape builds a model with random weights: pass --random-weights")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    set_threads(args.threads)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                          else ("cpu" if args.device == "auto" else args.device))
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[
+        args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+    skip = set(filter(None, args.skip.split(",")))
+    data = header(None if argv is None else ["benchmarks/speed.py", *argv])
+    bench = Bench(device)
+    started = time.perf_counter()
+    with bench.stage("matmul_peak") as record:
+        record |= matmul_rate(device, dtype,
+                              args.matmul_size or (8192 if device.type == "cuda" else 2048))
+    bench.peak_tflops = bench.stages["matmul_peak"].get("tflops")
+    if args.shape:
+        from gqaprune_core.tiny import char_tokenizer
+
+        with bench.stage("build_random_model"):
+            model = build_random(args.shape, device, dtype)
+        tokenizer, calibration_corpus = char_tokenizer(), args.calibration or "pydoc"
+        vocab = model.config.vocab_size
+        importance_ids = random_ids(vocab, args.importance_samples, args.importance_seq_len)
+        unit_ids = random_ids(vocab, args.examples, args.example_seq_len, seed=1)
+        windows = random_ids(vocab, args.eval_windows or 32, args.eval_seq_len, seed=2)
+        inputs = (f"random token ids; the pipeline calibrates on {calibration_corpus} through a "
+                  "character tokenizer")
+    else:
+        from gqaprune_core.data import calibration_batch, evaluation_windows
+        from gqaprune_core.models import load_model
+
+        load_model("demo", device=str(device), dtype=dtype)  # first load may convert GGUF; not timed
+        with bench.stage("load_demo_model"):
+            model, tokenizer = load_model("demo", device=str(device), dtype=dtype)
+        calibration_corpus = args.calibration or "demo"
+        importance_ids = calibration_batch(tokenizer, "demo", args.importance_samples,
+                                           args.importance_seq_len)
+        unit_ids = calibration_batch(tokenizer, "demo", args.examples, args.example_seq_len)
+        windows = evaluation_windows(tokenizer, "demo", args.eval_seq_len, args.eval_windows or 8)
+        inputs = "demo corpus: calibration part for scores, evaluation part for perplexity"
+    data["model"] = {"name": args.shape or "demo", "params": count_parameters(model),
+                     "dtype": str(dtype), "device": str(device), "layers": len(layout(model)),
+                     "inputs": inputs}
+    data["settings"] = {"importance": list(importance_ids.shape), "units": list(unit_ids.shape),
+                        "evaluation": list(windows.shape), "calibration_corpus": calibration_corpus}
+    warm_up(model, unit_ids[:2, :16])
+    importance = None
+    if "importance" not in skip:
+        importance = importance_stages(bench, model, importance_ids.to(device))
+    if "units" not in skip:
+        if importance is None:  # the prune stages need rates; any scores will do for timing
+            importance = LayerImportance("uniform", tuple([0.0] * len(layout(model))))
+        unit_stages(bench, model, unit_ids, importance)
+    if "evaluate" not in skip:
+        evaluation_stage(bench, model, windows)
+    if "pipeline" not in skip:
+        sample_sizes = {"importance_samples": args.importance_samples, "importance_seq_len":
+                        args.importance_seq_len, "num_examples": args.examples,
+                        "seq_len": args.example_seq_len}
+        pipeline_stages(bench, model, tokenizer, calibration_corpus, sample_sizes)
+    data["stages"] = bench.stages
+    data["wall_s"] = round(time.perf_counter() - started, 1)
+    errors = [name for name, record in bench.stages.items() if "error" in record]
+    data["errors"] = errors
+    out = args.out or RESULTS_DIR / (f"speed_{device.type}.json" if not args.shape
+                                     else f"speed_{'gpu' if device.type == 'cuda' else 'cpu'}_"
+                                          f"{args.shape}.json")
+    write_json(out, data)
+    log(f"wrote {out}; failed stages: {errors or 'none'}")
+    return data
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""Smoke test of the benchmark scripts on tiny models: every code path runs, results hold up.
+
+Both scripts run end to end on seeded random models and a small text corpus written here, so
+this needs no demo model and stays well under 30 s on two cores.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import baselines  # noqa: E402
+import quality  # noqa: E402
+import speed  # noqa: E402
+from gqaprune_core.layer_importance import compute_layer_importance  # noqa: E402
+from gqaprune_core.models import count_parameters, layout  # noqa: E402
+
+WORDS = ("the model keeps every group of heads that share one key and value while the "
+         "channels of the feed forward block are ranked by their scores and cut").split()
+
+
+@pytest.fixture
+def corpus(tmp_path, monkeypatch) -> Path:
+    """A small .txt corpus (documents separated by blank lines) and an empty score cache."""
+    monkeypatch.setenv("GQAPRUNE_CACHE", str(tmp_path / "cache"))
+    generator = torch.Generator().manual_seed(0)
+    documents = []
+    for _ in range(24):
+        picks = torch.randint(0, len(WORDS), (60,), generator=generator).tolist()
+        documents.append(" ".join(WORDS[i] for i in picks) + ".")
+    path = tmp_path / "words.txt"
+    path.write_text("\n\n".join(documents))
+    return path
+
+
+def test_quality_script_on_tiny_model(corpus, tmp_path):
+    out = tmp_path / "quality.json"
+    data = quality.main([
+        "--model", "tiny", "--ratios", "0.3", "--methods", "original,global_taylor,depth",
+        "--windows", "2", "--seq-len", "64", "--corpora", str(corpus),
+        "--calibration", str(corpus), "--importance-samples", "4", "--importance-seq-len", "32",
+        "--examples", "4", "--example-seq-len", "16", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert len(saved["results"]) == len(data["results"]) == 3
+    assert out.with_suffix(".png").is_file()
+    assert {"date", "command", "machine"} <= set(saved)
+    dense = saved["dense"]["params"]
+    for entry in saved["results"]:
+        assert entry["within_tolerance"], entry["method"]
+        assert abs(entry["params"] - 0.7 * dense) <= quality.TOLERANCE * 0.7 * dense
+        ppl = entry["ppl"][str(corpus)]
+        assert ppl["windows"] == 2 and ppl["tokens"] == 2 * 63
+    depth = next(e for e in saved["results"] if e["method"] == "depth")
+    assert depth["layers"] == 2 and depth["details"]["removed_layers"]
+
+
+def test_speed_script_on_tiny_llama(corpus, tmp_path):
+    out = tmp_path / "speed.json"
+    data = speed.main([
+        "--shape", "tiny-llama", "--random-weights", "--device", "cpu", "--importance-samples",
+        "4", "--importance-seq-len", "32", "--examples", "4", "--example-seq-len", "16",
+        "--eval-windows", "2", "--eval-seq-len", "32", "--matmul-size", "256",
+        "--calibration", str(corpus), "--out", str(out)])
+    assert data["errors"] == [], {k: v.get("error") for k, v in data["stages"].items()}
+    stages = data["stages"]
+    for name in ("importance_removal_prefix_reuse", "importance_removal_naive",
+                 "prune_taylor_sequential", "surgery_apply_plan", "evaluate",
+                 "pipeline_original", "pipeline_default"):
+        assert stages[name]["seconds"] > 0, name
+    assert stages["removal_naive_over_prefix_reuse"]["max_abs_score_difference"] < 1e-6
+    assert json.loads(out.read_text())["model"]["name"] == "tiny-llama"
+
+
+def test_naive_removal_matches_prefix_reuse(make_tiny):
+    model = make_tiny()
+    ids = torch.randint(0, 97, (5, 12), generator=torch.Generator().manual_seed(2))
+    naive, naive_stats = baselines.naive_removal_importance(model, ids, batch_size=2)
+    prefix, prefix_stats = compute_layer_importance(model, ids, "removal", batch_size=2)
+    assert naive == pytest.approx(prefix, rel=1e-5, abs=1e-6)
+    assert naive_stats["base_ppl"] == pytest.approx(prefix_stats["base_ppl"], rel=1e-6)
+
+
+def test_global_unit_counts_meet_budget_and_keep_one_of_each():
+    groups = [torch.tensor([1.0, 5.0]), torch.tensor([0.1, 0.2])]
+    channels = [torch.tensor([3.0, 4.0, 9.0]), torch.tensor([0.5, 0.05, 8.0])]
+    removed_groups, removed_channels = baselines.global_unit_counts(
+        groups, channels, [10, 10], [1, 1], params_to_remove=14)
+    assert sum(removed_groups) * 10 + sum(removed_channels) == 14
+    assert all(g <= 1 for g in removed_groups) and all(c <= 2 for c in removed_channels)
+
+
+def test_remove_layers_keeps_kv_cache_consistent(make_tiny):
+    model = make_tiny(layers=4)
+    baselines.remove_layers_(model, [1, 2])
+    assert model.config.num_hidden_layers == 2 and len(layout(model)) == 2
+    assert [layer.self_attn.layer_idx for layer in model.model.layers] == [0, 1]
+    ids = torch.randint(0, 97, (1, 9), generator=torch.Generator().manual_seed(4))
+    full = model(ids, use_cache=False).logits[:, -1]
+    prefix = model(ids[:, :-1], use_cache=True)
+    step = model(ids[:, -1:], past_key_values=prefix.past_key_values, use_cache=True).logits
+    torch.testing.assert_close(step[:, -1], full, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError):
+        baselines.remove_layers_(model, [0, 1])
+
+
+def test_forward_flops_counts_weights_twice_per_token(make_tiny):
+    model = make_tiny()
+    embedding = model.get_input_embeddings().weight.numel()
+    norms = sum(p.numel() for n, p in model.named_parameters() if "norm" in n)
+    weights = count_parameters(model) - embedding - norms  # layers' matrices and the LM head
+    shape = layout(model)[0]
+    attention = 3 * 2 * 10 ** 2 * shape.q_heads * shape.head_dim  # 3 layers, 2 x T^2 x H x D
+    assert speed.forward_flops(model, 10, 1) == pytest.approx(2 * 10 * weights + attention)
