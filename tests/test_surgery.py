@@ -143,3 +143,23 @@ def test_kv_cache_generation_after_surgery(make_tiny, tiny_ids):
         nxt = logits(reference, manual)[:, -1].argmax(-1, keepdim=True)
         manual = torch.cat([manual, nxt], dim=1)
     assert torch.equal(out, manual)
+
+
+@pytest.mark.demo
+def test_demo_model_survives_a_group_and_channel_cut(demo):
+    from gqaprune_core.data import evaluation_windows
+    from gqaprune_core.evaluate import perplexity
+
+    base, tokenizer = demo
+    model = copy.deepcopy(base)
+    plan = identity_plan(layout(model))
+    plan = plan.with_layer(replace(plan.layers[10], kept_kv_heads=(0, 2),
+                                   kept_mlp_channels=tuple(range(0, 1536, 2))))
+    apply_plan_(model, plan)
+    assert (layout(model)[10].q_heads, layout(model)[10].kv_heads) == (6, 2)
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=6, do_sample=False)
+    assert tokenizer.decode(out[0, ids.shape[1]:]).strip()
+    windows = evaluation_windows(tokenizer, "demo", seq_len=256, max_windows=2)
+    value = perplexity(model, windows).value
+    assert 5 < value < 200
