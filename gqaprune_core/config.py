@@ -105,11 +105,12 @@ ORIGINAL = PruneConfig()
 # - MLP channels only: one GQA group of the demo model costs as much as 170 MLP channels and
 #   removing it hurts far more; the budget goes where it is cheapest;
 # - channels chosen by output energy and down_proj re-fit toward the original weights;
-# - per-layer rates from block influence (one forward pass, no layer-bypass scan), no floor;
+# - per-layer rates from block influence (one forward pass, no layer-bypass scan), no floor,
+#   alpha 2 (sharper than 1: 1.44 vs 1.49 geometric-mean ratio on the held-out windows);
 # - calibration on a mixture of news and technical prose, 32 x 256 tokens.
 DEFAULT = PruneConfig(
     ratio_of="total", importance_method="block_influence", pruning_strategy="inverse",
-    alpha=1.0, min_pruning_rate=0.0, max_pruning_rate=0.7, prune_attention=False, prune_mlp=True,
+    alpha=2.0, min_pruning_rate=0.0, max_pruning_rate=0.7, prune_attention=False, prune_mlp=True,
     compensate=True, refit_ridge=0.1, calibration_dataset="demo+pydoc", num_examples=32,
     seq_len=256, mode="one-shot")
 
