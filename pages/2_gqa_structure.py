@@ -104,13 +104,10 @@ if start:
                                           progress=lambda d, t: job.progress("taylor", d, t))
 
     _ui.submit("group_scores", work)
-job = _ui.finished_job("group_scores")
-if job is not None:
-    if job.error:
-        _ui.show_job_error(job)
-    else:
-        _ui.head_score_store()[loaded.key] = job.result
-        st.rerun()
+result = _ui.finished_result("group_scores")
+if result is not None:
+    _ui.head_score_store()[loaded.key] = result
+    st.rerun()
 if scores:
     st.plotly_chart(_charts.group_heatmap(scores), key="group_heatmap")
     st.caption(f"Taylor scores on {scores.samples} windows of {scores.seq_len} tokens of the "

@@ -6,7 +6,6 @@ import streamlit as st
 
 from gqaprune_core import app_support as support
 from gqaprune_core.config import STRATEGIES, PruneConfig
-from gqaprune_core.layer_importance import layer_importance
 from gqaprune_core.models import layout
 from gqaprune_core.pipeline import prunable_target
 from pages import _charts, _ui
@@ -26,27 +25,15 @@ def importance_or_stop():
         return importance
     method = st.session_state.get("importance_method", "removal")
     samples = int(st.session_state.get("importance_samples", _ui.defaults()["importance_samples"]))
+    seq_len = int(st.session_state.get("importance_seq_len", 128))
+    corpus = st.session_state.get("importance_corpus", "demo")
     st.info(f"Rates follow the layer scores, and there are none yet for this model. Compute them "
-            f"here ({method}, {samples} windows of 128 tokens; a cache hit is instant) or choose "
-            "other settings on the Layer importance page.")
+            f"here ({method}, {samples} windows of {seq_len} tokens of {corpus}; a cache hit is "
+            "instant) or choose other settings on the Layer importance page.")
     if st.button("Compute layer importance", type="primary",
                  disabled=_ui.job_running("importance")):
-        model, tokenizer, source = loaded.model, loaded.tokenizer, loaded.source
-
-        def work(job: support.Job):
-            with support.SHARED_MODEL_LOCK:
-                return layer_importance(model, tokenizer, method, "demo", samples, 128,
-                                        model_id=source,
-                                        progress=lambda d, t: job.progress("importance", d, t))
-
-        _ui.submit("importance", work)
-    job = _ui.finished_job("importance")
-    if job is not None:
-        if job.error:
-            _ui.show_job_error(job)
-        else:
-            _ui.importance_store()[loaded.key] = job.result
-            st.rerun()
+        _ui.start_importance(loaded, method, corpus, samples, seq_len)
+    _ui.collect_importance(loaded)
     st.stop()
 
 

@@ -106,18 +106,15 @@ def start_run(config: PruneConfig, prompt: str, tokens: int) -> None:
 
 
 def collect_finished() -> None:
-    job = _ui.finished_job("prune")
-    if job is None:
+    run = _ui.finished_result("prune")
+    if run is None:
         return
-    if job.error:
-        _ui.show_job_error(job)
-        return
-    run = job.result
     run.number = max((r.number for r in runs), default=0) + 1
     runs.append(run)
     for old in runs[:-KEEP_MODELS]:
         old.model = None  # free memory; the report stays
     st.session_state["shown_run"] = run.number
+    st.rerun()  # redraw the sidebar, which was drawn while the job was still listed
 
 
 def show_run(run: support.PruneRun) -> None:
@@ -146,11 +143,13 @@ def show_run(run: support.PruneRun) -> None:
     if run.prompt:
         st.markdown(f"**Greedy generation** from “{run.prompt}”")
         before, after = st.columns(2)
-        before.text_area("before pruning", run.prompt + run.text_before, disabled=True,
-                         key=f"before_{run.number}")
-        after.text_area("after pruning", run.prompt + run.text_after, disabled=True,
-                        key=f"after_{run.number}")
-    st.caption(f"{run.label} · {run.seconds:.1f} s · timings (s): {report['timings_s']}")
+        for column, title, text in ((before, "before pruning", run.text_before),
+                                    (after, "after pruning", run.text_after)):
+            column.caption(title)
+            column.code(run.prompt + text, language=None, wrap_lines=True)
+    stages = " · ".join(f"{name.replace('_', ' ')} {seconds:.1f} s"
+                        for name, seconds in report["timings_s"].items() if seconds >= 0.05)
+    st.caption(f"{run.label}: {run.seconds:.1f} s in all ({stages})")
 
 
 describe_settings()

@@ -137,25 +137,32 @@ def rates_figure(preview: RatePreview, config: PruneConfig, target: float,
                                                     "color": STRATEGY_COLOURS[strategy]},
                 hovertemplate=f"layer %{{x}}<br>{strategy} %{{y:.1f}} %<extra></extra>"))
     fig.add_hline(y=100 * target, line={"color": MISMATCH, "dash": "dash"},
-                  annotation_text=f"target {100 * target:.1f} %", annotation_position="top left")
+                  annotation_text=f"target {100 * target:.1f} %", annotation_position="top right",
+                  annotation_font_color=MISMATCH, annotation_bgcolor="rgba(255,255,255,0.85)")
     fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name="[min, max] band",
                              marker={"symbol": "square", "size": 12, "color": BAND}))
     fig.update_layout(xaxis_title="layer", yaxis_title="pruning rate (% of the layer's prunable "
                       "parameters)", height=420, font=PLOT_FONT, bargap=0.25,
                       legend={"orientation": "h", "y": 1.12, "x": 0},
                       margin={"l": 10, "r": 10, "t": 50, "b": 10})
-    fig.update_xaxes(dtick=1 if len(layers) <= 32 else None)
+    top = max([config.max_pruning_rate, *preview.rates, *preview.achieved,
+                *(r for rates in (overlays or {}).values() for r in rates)])
+    fig.update_yaxes(range=[0, 100 * top + 6])
+    fig.update_xaxes(dtick=1 if len(layers) <= 16 else None, range=[-0.6, len(layers) - 0.4])
     return fig
 
 
 def head_counts_figure(report: dict) -> go.Figure:
-    """Grouped bars: query and KV heads per layer, before (light) and after (dark)."""
+    """Per layer two bars, query heads and KV heads: the light bar is before, the dark one in
+    front of it what is left."""
     table = layer_counts_table(report)
     fig = go.Figure()
-    for column, colour in (("Q heads before", "#c6dbef"), ("Q heads after", "#2171b5"),
-                           ("KV heads before", "#fdd0a2"), ("KV heads after", "#d94801")):
-        fig.add_trace(go.Bar(x=table["layer"], y=table[column], name=column, marker_color=colour,
-                             hovertemplate=f"layer %{{x}}<br>{column}: %{{y}}<extra></extra>"))
+    for kind, light, dark in (("Q", "#c6dbef", "#2171b5"), ("KV", "#fdd0a2", "#d94801")):
+        for when, colour in (("before", light), ("after", dark)):
+            column = f"{kind} heads {when}"
+            fig.add_trace(go.Bar(x=table["layer"], y=table[column], name=column,
+                                 marker_color=colour, offsetgroup=kind,
+                                 hovertemplate=f"layer %{{x}}<br>{column}: %{{y}}<extra></extra>"))
     fig.update_layout(barmode="group", xaxis_title="layer", yaxis_title="heads", height=360,
                       font=PLOT_FONT, legend={"orientation": "h", "y": 1.15},
                       margin={"l": 10, "r": 10, "t": 40, "b": 10})

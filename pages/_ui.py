@@ -8,7 +8,12 @@ does, the server does for a deep link before the first ``st.navigation`` call).
 from __future__ import annotations
 
 import os
-import uuid
+
+# Before torch loads OpenMP: the app runs torch on several threads (jobs, script runs), and
+# spinning OpenMP teams starve each other; on a busy 2-core machine a forward pass took 8x longer.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import uuid  # noqa: E402
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +28,8 @@ PRUNE_PAGE = "pages/5_prune.py"
 EXPORT_PAGE = "pages/6_export.py"
 JOB_TITLES = {"importance": "Layer importance", "group_scores": "Group scores",
               "prune": "Pruning"}
+JOB_PAGES = {"importance": "Layer importance", "group_scores": "GQA structure",
+             "prune": "Prune & evaluate"}  # where a finished job's result is shown
 STAGES = {"starting": "starting", "copy model": "copying the model",
           "generate before": "generating (before)", "importance": "layer importance",
           "evaluate_before": "perplexity before", "prune": "scoring and cutting layers",
@@ -132,22 +139,50 @@ def page_setup(title: str) -> None:
         else:
             st.markdown(f"**Model:** not loaded yet (`{support.default_source()}` loads when a "
                         "page needs it)")
-        for name, label in JOB_TITLES.items():
-            job = support.JOBS.get(owner(), name)
-            if job is not None and job.running:
-                st.caption(f":material/hourglass_top: {label}: {STAGES.get(job.stage, job.stage)}"
-                           f" ({job.fraction:.0%}, {job.elapsed:.0f} s)")
+        if any(job_running(name) for name in JOB_TITLES):
+            _sidebar_jobs()  # live, wherever the user is
+        else:
+            _job_notes()
 
 
-def finished_job(name: str) -> support.Job | None:
-    """Show a running job's progress (polled every second); return it once, when it ends."""
+@st.fragment(run_every=2.0)
+def _sidebar_jobs() -> None:
+    _job_notes()
+
+
+def _job_notes() -> None:
+    """One line per job of this session that runs, or ended and waits to be looked at."""
+    for name, label in JOB_TITLES.items():
+        job = support.JOBS.get(owner(), name)
+        if job is None:
+            continue
+        if job.running:
+            st.caption(f":material/hourglass_top: {label}: {STAGES.get(job.stage, job.stage)}"
+                       f" ({job.fraction:.0%}, {job.elapsed:.0f} s)")
+        else:
+            outcome = "failed" if job.error else "finished"
+            st.caption(f":material/task_alt: {label} {outcome}: see **{JOB_PAGES[name]}**")
+
+
+def finished_result(name: str) -> Any:
+    """The result of this session's job ``name``, returned once when it has succeeded.
+
+    While the job runs, shows its progress (polled every second). A failure is shown as an
+    error, which stays until the next job of that name starts.
+    """
     job = support.JOBS.get(owner(), name)
-    if job is None:
-        return None
-    if job.running:
+    if job is not None and job.running:
         _poll(name)
         return None
-    return support.JOBS.pop(owner(), name)
+    job = support.JOBS.pop(owner(), name)
+    if job is not None and job.error:
+        st.session_state[f"_failed_{name}"] = job
+    failed = st.session_state.get(f"_failed_{name}")
+    if failed is not None:
+        st.error(f"{JOB_TITLES.get(name, name)} failed: {failed.error}")
+        with st.expander("Details"):
+            st.code(failed.details, language=None)
+    return None if job is None or job.error else job.result
 
 
 @st.fragment(run_every=1.0)
@@ -172,12 +207,37 @@ def submit(name: str, work) -> None:
         support.JOBS.submit(owner(), name, work)
     except RuntimeError as err:
         st.warning(str(err))
+    else:
+        st.session_state.pop(f"_failed_{name}", None)
 
 
-def show_job_error(job: support.Job) -> None:
-    st.error(f"{JOB_TITLES.get(job.name, job.name)} failed: {job.error}")
-    with st.expander("Details"):
-        st.code(job.details)
+def start_importance(loaded: Loaded, method: str, corpus: str, samples: int,
+                     seq_len: int) -> None:
+    """Layer importance in the background; the result is ``(scores, read_from_cache)``."""
+    from gqaprune_core.layer_importance import layer_importance
+    from gqaprune_core.models import cache_dir
+
+    model, tokenizer, source = loaded.model, loaded.tokenizer, loaded.source
+
+    def work(job: support.Job):
+        job.progress("calibration", 0, 1)
+        files = cache_dir() / "importance"
+        with support.SHARED_MODEL_LOCK:  # hooks on the shared model: one such job at a time
+            before = set(files.glob("*.json"))
+            scores = layer_importance(model, tokenizer, method, corpus, samples, seq_len,
+                                      model_id=source,
+                                      progress=lambda d, t: job.progress("importance", d, t))
+            return scores, not set(files.glob("*.json")) - before
+
+    submit("importance", work)
+
+
+def collect_importance(loaded: Loaded) -> None:
+    """Store a finished importance job's scores for this model (shows progress or errors)."""
+    result = finished_result("importance")
+    if result is not None:
+        importance_store()[loaded.key], st.session_state["importance_from_cache"] = result
+        st.rerun()  # redraw the sidebar, which was drawn while the job was still listed
 
 
 def importance_store() -> dict:
