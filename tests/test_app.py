@@ -116,6 +116,8 @@ def test_layer_importance_is_computed_once_then_read_from_the_disk_cache(app, tm
     open_page(again, "3_layer_importance")
     click(again, "Compute layer importance")
     assert again.session_state["importance"][("tiny", "auto", "auto")].scores == first.scores
+    assert "read from the disk cache" in texts(again)
+    assert "read from the disk cache" not in texts(app)
 
 
 def test_rate_tuning_redraws_on_slider_moves_and_warns_on_impossible_settings(app):
@@ -158,6 +160,19 @@ def test_pruning_run_completes_shows_counts_and_exports(app, tmp_path):
     assert (saved / "model" / "gqaprune_plan.json").is_file()
     assert json.loads((saved / "report.json").read_text())["layers"]
     assert any("load_pruned" in c.value for c in app.code)
+
+
+def test_a_failing_job_is_a_readable_error_until_the_next_run(app, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory in layer 7")
+
+    monkeypatch.setattr(app_support, "prune_job", broken)
+    open_page(app, "5_prune")
+    click(app, "Prune a copy of the model")
+    assert any("out of memory in layer 7" in e.value for e in app.error)
+    app.run()  # still shown after an unrelated rerun
+    assert any("out of memory in layer 7" in e.value for e in app.error)
+    assert not app.session_state["runs"]
 
 
 def test_job_registry_runs_work_in_the_background_and_reports_failures():

@@ -10,8 +10,8 @@ skips with the reason otherwise.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -28,7 +28,18 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update",
                  "--disable-sync"]
 
-pytestmark = pytest.mark.browser
+
+
+def _missing() -> str:
+    """Why the test cannot run here ('' when it can)."""
+    if not Path(CHROMIUM).exists():
+        return f"{CHROMIUM} not found: install Debian's chromium (apt-get install chromium)"
+    if importlib.util.find_spec("playwright") is None:
+        return "the playwright package is not installed (pip install playwright)"
+    return ""
+
+
+pytestmark = [pytest.mark.browser, pytest.mark.skipif(bool(_missing()), reason=_missing())]
 
 
 def _free_port() -> int:
@@ -115,6 +126,13 @@ def _shot(page, name: str) -> None:
     page.set_viewport_size(size)
 
 
+def _choose(page, label: str, option: str) -> None:
+    """Pick ``option`` (its visible text starts so) in the selectbox labelled ``label``."""
+    page.get_by_test_id("stSelectbox").filter(
+        has=page.get_by_text(label, exact=True)).locator("input").click()
+    page.get_by_role("option").filter(has_text=option).first.click()
+
+
 def _rate_bars(page) -> list[float]:
     """The y values of the planned-rate bars of the rate chart."""
     return page.evaluate(
@@ -125,16 +143,12 @@ def _rate_bars(page) -> list[float]:
 
 
 def test_app_end_to_end(app_url):
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"{CHROMIUM} not found: apt-get install chromium")
-    playwright_api = pytest.importorskip("playwright.sync_api",
-                                         reason="the playwright package is not installed")
-    if shutil.which("streamlit", path=str(Path(sys.executable).parent)) is None:
-        pytest.skip("streamlit is not installed next to this Python")
-    with playwright_api.sync_playwright() as playwright:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
         browser = _browser(playwright)
+        page = browser.new_page(viewport={"width": 1440, "height": 1000})
         try:
-            page = browser.new_page(viewport={"width": 1440, "height": 1000})
             page.set_default_timeout(60_000)
             page.goto(app_url)
             page.get_by_role("heading", name="gqaprune").wait_for()
@@ -152,6 +166,7 @@ def test_app_end_to_end(app_url):
             _shot(page, "2_gqa_structure")
 
             _open_page(page, "Layer importance")
+            _choose(page, "Method", "activation")  # one forward pass: quick on a CPU
             page.get_by_role("button", name="Compute layer importance").click()
             page.get_by_text("Higher = more important").wait_for(timeout=240_000)
             _wait_idle(page)
@@ -176,8 +191,9 @@ def test_app_end_to_end(app_url):
             _shot(page, "4_rate_tuning")
 
             _open_page(page, "Prune & evaluate")
+            _choose(page, "Mode", "one-shot")  # one backward pass scores every layer
             page.get_by_role("button", name="Prune a copy of the model").click()
-            page.get_by_text("Per layer, before and after").wait_for(timeout=300_000)
+            page.get_by_text("Per layer, before and after").wait_for(timeout=600_000)
             _wait_idle(page)
             table = page.get_by_test_id("stDataFrame").first
             assert table.is_visible()
@@ -186,5 +202,9 @@ def test_app_end_to_end(app_url):
             _open_page(page, "Export")
             page.get_by_role("button", name="Plan (JSON)").wait_for()
             _shot(page, "6_export")
+        except BaseException:
+            ARTIFACTS.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "failure.png"))
+            raise
         finally:
             browser.close()
