@@ -113,7 +113,9 @@ def human_bytes(size: int) -> str:
 
 
 def greedy_generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 24) -> str:
-    """The greedy continuation of ``prompt`` (new text only)."""
+    """The greedy continuation of ``prompt`` (new text only; empty for no prompt or tokens)."""
+    if not prompt or max_new_tokens <= 0:
+        return ""
     device = next(model.parameters()).device
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
     with torch.no_grad():
@@ -300,18 +302,16 @@ def prune_job(config: PruneConfig, model: nn.Module, tokenizer, importance: Laye
 
     start = time.perf_counter()
     progress("copy model", 0, 1)
-    with SHARED_MODEL_LOCK:
+    with SHARED_MODEL_LOCK:  # never copy while another job's hooks sit on the shared model
         working = copy.deepcopy(model)
+    tokenizer = copy.deepcopy(tokenizer)  # a private one: fast tokenizers dislike sharing
     progress("generate before", 0, 1)
-    text_before = greedy_generate(working, tokenizer, prompt, max_new_tokens) if prompt else ""
-    if importance is None:
-        with SHARED_MODEL_LOCK:  # computed on the copy: same weights, so the same disk cache
-            result = run_pipeline(config, working, tokenizer, copy_model=False, progress=progress)
-    else:
-        result = run_pipeline(config, working, tokenizer, importance=importance,
-                              copy_model=False, progress=progress)
+    text_before = greedy_generate(working, tokenizer, prompt, max_new_tokens)
+    # Missing layer scores are computed on the copy: same weights, so the same disk cache entry.
+    result = run_pipeline(config, working, tokenizer, importance=importance, copy_model=False,
+                          progress=progress)
     progress("generate after", 0, 1)
-    text_after = greedy_generate(result.model, tokenizer, prompt, max_new_tokens) if prompt else ""
+    text_after = greedy_generate(result.model, tokenizer, prompt, max_new_tokens)
     return PruneRun(config, result.report, result.plan, result.model, tokenizer, prompt,
                     text_before, text_after, time.perf_counter() - start)
 

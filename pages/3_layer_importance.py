@@ -21,7 +21,7 @@ st.markdown("How much does each layer matter? The scores decide how hard each la
 
 running = _ui.job_running("importance")
 with st.form("importance_form"):
-    first, second, third, fourth = st.columns(4)
+    first, second, third, fourth = st.columns([2, 1, 1, 1])
     keep = {"persist_state": "session"}  # the Rate tuning page reuses these settings
     method = first.selectbox("Method", IMPORTANCE_METHODS, format_func=METHODS.get,
                              key="importance_method", **keep)

@@ -58,8 +58,8 @@ def settings_widgets(layers: int) -> dict:
                           **keep)
     max_rate = high.slider("max rate", 0.0, 0.95, 0.5, 0.01, key="tune_max", format="percent",
                            **keep)
-    first, last = st.slider("Layers to prune", 0, layers - 1, (0, layers - 1), key="tune_layers",
-                            **keep)
+    first, last = st.slider("Layers to prune", 0, layers - 1, (0, layers - 1),
+                            key=f"tune_layers_{layers}", **keep)  # a model of other depth: anew
     st.markdown("Prune")
     attention, mlp = st.columns(2)
     prune_attention = attention.toggle("attention groups", True, key="tune_attention", **keep)
@@ -88,7 +88,7 @@ def tuner(importance) -> None:
         except ValueError as err:  # the library names the impossible setting
             st.warning(f"These settings cannot be met: {err}")
             return
-        st.session_state["tuning"] = settings  # what the Prune page will run
+        st.session_state["tuning"] = {loaded.key: settings}  # what the Prune page will run
         allocation = preview.allocation
         removed_total = allocation.params_removed / preview.params_total
         cells = st.columns(3)

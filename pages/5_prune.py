@@ -17,7 +17,7 @@ UNIT_HELP = {"taylor": "taylor: |weight × gradient| (default)", "magnitude": "m
 _ui.page_setup("Prune & evaluate")
 st.title("Prune & evaluate")
 loaded = _ui.require_model()
-tuning = st.session_state.get("tuning")
+tuning = st.session_state.get("tuning", {}).get(loaded.key)  # settings for this model only
 importance = _ui.importance_store().get(loaded.key)
 runs: list[support.PruneRun] = st.session_state.setdefault("runs", [])
 

@@ -93,6 +93,27 @@ def test_model_page_reports_a_wrong_path_as_a_message(app, tmp_path):
     assert any("does not exist" in e.value for e in app.error), [e.value for e in app.error]
 
 
+def test_a_hugging_face_directory_replaces_the_model_everywhere(app, tmp_path):
+    from gqaprune_core.tiny import char_tokenizer, tiny_model
+
+    directory = tmp_path / "hf-model"
+    tiny_model(layers=4).save_pretrained(directory)
+    char_tokenizer().save_pretrained(directory)
+    open_page(app, "4_rate_tuning")
+    click(app, "Compute layer importance")
+    assert len(rate_bars(app)) == 3
+    open_page(app, "1_model")
+    app.radio(key="model_kind").set_value("hf").run()
+    app.text_input(key="model_path_hf").input(str(directory)).run()
+    click(app, "Load model")
+    assert {m.label: m.value for m in app.metric}["layers"] == "4"
+    assert str(directory) in "\n".join(m.value for m in app.sidebar.markdown)
+    open_page(app, "4_rate_tuning")  # scores and settings belong to the previous model
+    assert "there are none yet for this model" in texts(app)
+    click(app, "Compute layer importance")
+    assert len(rate_bars(app)) == 4
+
+
 def test_gqa_page_contrasts_naive_and_group_pruning(app):
     open_page(app, "2_gqa_structure")
     assert app.toggle(key="gqa_compare").value
@@ -128,7 +149,8 @@ def test_rate_tuning_redraws_on_slider_moves_and_warns_on_impossible_settings(ap
     app.slider(key="tune_ratio").set_value(0.35).run()
     after = rate_bars(app)
     assert after != before and sum(after) > sum(before)
-    assert app.session_state["tuning"]["pruning_ratio"] == pytest.approx(0.35)
+    tuned = app.session_state["tuning"][("tiny", "auto", "auto")]
+    assert tuned["pruning_ratio"] == pytest.approx(0.35)
     app.slider(key="tune_min").set_value(0.6).run()  # min above max
     assert any("min" in w.value for w in app.warning), [w.value for w in app.warning]
     app.slider(key="tune_min").set_value(0.4).run()  # target below min: unreachable
