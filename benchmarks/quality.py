@@ -276,7 +276,9 @@ def main(argv: list[str] | None = None) -> dict:
                for name in args.corpora.split(",")}
     run_settings = settings(args, windows)
     previous = read_json(args.out) if args.resume else None
-    if previous is not None and previous.get("settings") != run_settings:
+    if previous is not None:  # files from before --device/--dtype existed ran on CPU, fp32
+        previous["settings"] = {"device": "cpu", "dtype": "float32"} | previous["settings"]
+    if previous is not None and previous["settings"] != run_settings:
         log(f"--resume: {args.out} was made with other settings; starting afresh")
         previous = None
     data = header(None if argv is None else ["benchmarks/quality.py", *argv])
