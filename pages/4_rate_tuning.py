@@ -5,7 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from gqaprune_core import app_support as support
-from gqaprune_core.config import STRATEGIES, PruneConfig
+from gqaprune_core.config import PRESETS, STRATEGIES
 from gqaprune_core.models import layout
 from gqaprune_core.pipeline import prunable_target
 from pages import _charts, _ui
@@ -37,33 +37,62 @@ def importance_or_stop():
     st.stop()
 
 
+PRESET_KEYS = {"tune_ratio": "pruning_ratio", "tune_ratio_of": "ratio_of",
+               "tune_strategy": "pruning_strategy", "tune_alpha": "alpha",
+               "tune_min": "min_pruning_rate", "tune_max": "max_pruning_rate",
+               "tune_attention": "prune_attention", "tune_mlp": "prune_mlp"}
+
+
+def apply_preset(name: str) -> None:
+    """Set the tuning widgets to a preset (a callback: runs before the widgets are drawn)."""
+    preset = PRESETS[name]
+    for key, field in PRESET_KEYS.items():
+        st.session_state[key] = getattr(preset, field)
+    st.session_state["preset"] = name  # its other settings (e.g. compensation) go to the run
+
+
+def preset_picker() -> None:
+    current = st.session_state.get("preset", "original")
+    left, right, note = st.columns([2, 1, 4], vertical_alignment="bottom")
+    name = left.selectbox("Preset", list(PRESETS), index=list(PRESETS).index(current),
+                          key="tune_preset_choice",
+                          help="original: the original project's algorithm (the sliders start "
+                               "there); default: gqaprune's recommended settings.")
+    right.button("Apply preset", on_click=apply_preset, args=(name,))
+    note.caption(f"Runs start from the **{current}** preset; the sliders below override it.")
+
+
 def settings_widgets(layers: int) -> dict:
-    """The tuning widgets; their values persist across pages."""
+    """The tuning widgets; their values persist across pages. They start at the original
+    preset (PruneConfig's defaults)."""
     keep = {"persist_state": "session"}
-    target = st.slider("Target pruning ratio", 0.0, 0.9, 0.2, 0.01, key="tune_ratio",
-                       format="percent", **keep,
-                       help="Fraction of parameters to remove (see 'of' below).")
+    start = PRESETS["original"]
+    target = st.slider("Target pruning ratio", 0.0, 0.9, start.pruning_ratio, 0.01,
+                       key="tune_ratio", format="percent", **keep,
+                       help="Fraction of parameters to remove (see 'Ratio of' below).")
     ratio_of = st.radio("Ratio of", ["prunable", "total"], horizontal=True, key="tune_ratio_of",
                         format_func={"prunable": "attention + MLP of the pruned layers",
                                      "total": "all parameters"}.get, **keep)
-    strategy = st.segmented_control("Strategy", STRATEGIES, default="inverse", required=True,
+    strategy = st.segmented_control("Strategy", STRATEGIES, default=start.pruning_strategy,
+                                    required=True,
                                     key="tune_strategy", help=" · ".join(
                                         f"{k}: {v}" for k, v in STRATEGY_HELP.items()), **keep)
-    alpha = st.slider("alpha (how strongly scores spread the rates)", 0.0, 5.0, 1.0, 0.1,
+    alpha = st.slider("alpha (how strongly scores spread the rates)", 0.0, 5.0, start.alpha, 0.1,
                       key="tune_alpha", **keep,
                       help="The most and least favoured layers differ by a factor 2^alpha before "
                            "clipping; 0 is uniform.")
     low, high = st.columns(2)
-    min_rate = low.slider("min rate", 0.0, 0.95, 0.15, 0.01, key="tune_min", format="percent",
-                          **keep)
-    max_rate = high.slider("max rate", 0.0, 0.95, 0.5, 0.01, key="tune_max", format="percent",
-                           **keep)
+    min_rate = low.slider("min rate", 0.0, 0.95, start.min_pruning_rate, 0.01, key="tune_min",
+                          format="percent", **keep)
+    max_rate = high.slider("max rate", 0.0, 0.95, start.max_pruning_rate, 0.01, key="tune_max",
+                           format="percent", **keep)
     first, last = st.slider("Layers to prune", 0, layers - 1, (0, layers - 1),
                             key=f"tune_layers_{layers}", **keep)  # a model of other depth: anew
     st.markdown("Prune")
     attention, mlp = st.columns(2)
-    prune_attention = attention.toggle("attention groups", True, key="tune_attention", **keep)
-    prune_mlp = mlp.toggle("MLP channels", True, key="tune_mlp", **keep)
+    prune_attention = attention.toggle("attention groups", start.prune_attention,
+                                       key="tune_attention", **keep)
+    prune_mlp = mlp.toggle("MLP channels", start.prune_mlp, key="tune_mlp", **keep)
     return {"pruning_ratio": target, "ratio_of": ratio_of, "pruning_strategy": strategy,
             "alpha": alpha, "min_pruning_rate": min_rate, "max_pruning_rate": max_rate,
             "layer_start": first, "layer_end": None if last == layers - 1 else last + 1,
@@ -81,7 +110,8 @@ def tuner(importance) -> None:
                             persist_state="session")
     with view:
         try:
-            config = PruneConfig(base_model=loaded.source, **settings)
+            preset = PRESETS[st.session_state.get("preset", "original")]
+            config = preset.with_(base_model=loaded.source, **settings)
             preview = support.rate_preview(config, model, importance)
             end = len(preview.rates) if config.layer_end is None else config.layer_end
             target = prunable_target(config, model, range(config.layer_start, end))
@@ -118,6 +148,7 @@ importance = importance_or_stop()
 st.markdown(f"Scores: **{importance.method}** on {importance.inputs.get('samples')} windows. "
             "Bars are the planned per-layer rates, diamonds what whole units (groups, channels) "
             "achieve, the grey band is [min, max] over the pruned layers.")
+preset_picker()
 tuner(importance)
 st.page_link(_ui.PRUNE_PAGE, label="Next: prune with these settings",
              icon=":material/content_cut:")

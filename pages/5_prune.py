@@ -5,7 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from gqaprune_core import app_support as support
-from gqaprune_core.config import MODES, UNIT_METHODS, PruneConfig
+from gqaprune_core.config import MODES, PRESETS, UNIT_METHODS, PruneConfig
 from pages import _charts, _ui
 
 KEEP_MODELS = 3  # pruned models kept in memory (for Export); older runs keep their report only
@@ -18,14 +18,17 @@ _ui.page_setup("Prune & evaluate")
 st.title("Prune & evaluate")
 loaded = _ui.require_model()
 tuning = st.session_state.get("tuning", {}).get(loaded.key)  # settings for this model only
+preset_name = st.session_state.get("preset", "original")
+preset = PRESETS[preset_name]  # what Rate tuning does not set comes from here
 importance = _ui.importance_store().get(loaded.key)
 runs: list[support.PruneRun] = st.session_state.setdefault("runs", [])
 
 
 def describe_settings() -> None:
     if tuning is None:
-        st.info("No settings from **Rate tuning** yet: this run uses the defaults (20 % of the "
-                "attention and MLP parameters, inverse strategy).")
+        st.info(f"No settings from **Rate tuning** yet: this run uses the **{preset_name}** "
+                f"preset ({preset.pruning_ratio:.0%} of the {preset.ratio_of} parameters, "
+                f"{preset.pruning_strategy} strategy).")
     else:
         t = tuning
         parts = " + ".join(p for p, on in (("attention", t["prune_attention"]),
@@ -35,11 +38,16 @@ def describe_settings() -> None:
                     f"{'prunable' if t['ratio_of'] == 'prunable' else 'total'} parameters, "
                     f"**{t['pruning_strategy']}** strategy, α = {t['alpha']:g}, rates in "
                     f"[{t['min_pruning_rate']:.0%}, {t['max_pruning_rate']:.0%}], layers "
-                    f"{t['layer_start']}–{end}, pruning {parts}.")
+                    f"{t['layer_start']}–{end}, pruning {parts}; the rest from the "
+                    f"**{preset_name}** preset.")
     st.page_link(_ui.TUNING_PAGE, label="Change them on Rate tuning", icon=":material/tune:")
     if importance is None:
         st.caption("No layer scores computed for this model yet: the run computes them first "
                    "(or reads them from the disk cache).")
+
+
+def index_of(options, value) -> int:
+    return list(options).index(value) if value in options else 0
 
 
 def run_settings() -> tuple[PruneConfig, str, int] | None:
@@ -47,10 +55,12 @@ def run_settings() -> tuple[PruneConfig, str, int] | None:
     d = _ui.defaults()
     with st.form("run_form"):
         a, b, c = st.columns(3)
-        unit = a.selectbox("Unit importance", UNIT_METHODS, format_func=UNIT_HELP.get,
-                           key="run_unit", help="How the groups and channels of a layer are "
-                                                "ranked before the weakest are cut.")
-        mode = b.selectbox("Mode", MODES, key="run_mode",
+        unit = a.selectbox("Unit importance", UNIT_METHODS,
+                           index=index_of(UNIT_METHODS, preset.unit_importance),
+                           format_func=lambda m: UNIT_HELP.get(m, m), key="run_unit",
+                           help="How the groups and channels of a layer are ranked before the "
+                                "weakest are cut.")
+        mode = b.selectbox("Mode", MODES, index=index_of(MODES, preset.mode), key="run_mode",
                            help="sequential: layers scored and cut one at a time (the original); "
                                 "one-shot: one gradient pass scores all layers.")
         corpora = c.multiselect("Evaluate perplexity on", ["demo", "pydoc"], default=["demo"],
@@ -78,17 +88,16 @@ def run_settings() -> tuple[PruneConfig, str, int] | None:
     if importance is not None:
         settings |= {"importance_method": importance.method,
                      "importance_samples": importance.inputs.get("samples", 50),
-                     "importance_seq_len": importance.inputs.get("seq_len", 128),
-                     "calibration_dataset": importance.inputs.get("corpus", "demo")}
+                     "importance_seq_len": importance.inputs.get("seq_len", 128)}
     else:
         settings["importance_samples"] = d["importance_samples"]
     try:
-        config = PruneConfig(base_model=loaded.source, device=loaded.device,
-                             dtype=None if loaded.dtype == "auto" else loaded.dtype,
-                             unit_importance=unit, mode=mode, num_examples=int(examples),
-                             seq_len=int(seq_len), eval_datasets=tuple(corpora),
-                             eval_seq_len=int(eval_len), max_eval_windows=int(windows),
-                             **settings)
+        config = preset.with_(base_model=loaded.source, device=loaded.device,
+                              dtype=None if loaded.dtype == "auto" else loaded.dtype,
+                              unit_importance=unit, mode=mode, num_examples=int(examples),
+                              seq_len=int(seq_len), eval_datasets=tuple(corpora),
+                              eval_seq_len=int(eval_len), max_eval_windows=int(windows),
+                              **settings)
     except ValueError as err:
         st.warning(f"These settings cannot be run: {err}")
         return None

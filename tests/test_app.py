@@ -158,6 +158,28 @@ def test_rate_tuning_redraws_on_slider_moves_and_warns_on_impossible_settings(ap
     assert not app.exception
 
 
+def test_a_preset_sets_the_sliders_and_the_rest_of_the_run(app):
+    from gqaprune_core.config import PRESETS
+
+    open_page(app, "4_rate_tuning")
+    click(app, "Compute layer importance")
+    chosen = next(name for name in PRESETS if name != "original")
+    preset = PRESETS[chosen]
+    app.selectbox(key="tune_preset_choice").set_value(chosen).run()
+    click(app, "Apply preset")
+    assert app.slider(key="tune_alpha").value == pytest.approx(preset.alpha)
+    assert app.toggle(key="tune_attention").value == preset.prune_attention
+    open_page(app, "5_prune")
+    click(app, "Prune a copy of the model")
+    config = app.session_state["runs"][-1].config
+    assert config.mode == preset.mode and config.alpha == pytest.approx(preset.alpha)
+    assert config.to_dict() == preset.with_(**{
+        k: getattr(config, k) for k in ("base_model", "device", "dtype", "unit_importance",
+                                        "num_examples", "seq_len", "eval_datasets",
+                                        "eval_seq_len", "max_eval_windows", "importance_method",
+                                        "importance_samples", "importance_seq_len")}).to_dict()
+
+
 def test_pruning_run_completes_shows_counts_and_exports(app, tmp_path):
     open_page(app, "4_rate_tuning")
     click(app, "Compute layer importance")
