@@ -186,7 +186,9 @@ class _Bypass(nn.Module):
 
 def _batch_nll(model: nn.Module, ids: torch.Tensor) -> float:
     logits = model(ids, use_cache=False).logits
-    loss = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="sum")
+    vocab = logits.shape[-1]  # flattened rows, as the library does (same float summation order)
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, vocab).float(), ids[:, 1:].reshape(-1),
+                           reduction="sum")
     return float(loss.double())
 
 
