@@ -22,6 +22,7 @@ import copy
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -143,6 +144,7 @@ class Bench:
         self.cuda = device.type == "cuda"
         self.stages: dict[str, dict] = {}
         self.peak_tflops: float | None = None
+        self.save: Callable[[], object] | None = None
 
     @contextmanager
     def stage(self, name: str, tokens: int | None = None, flops: float | None = None):
@@ -160,22 +162,29 @@ class Bench:
             record["traceback"] = traceback.format_exc(limit=6)
             log(f"{name}: FAILED {record['error']}")
             return
-        record["seconds"] = round(clock.seconds, 4)
         record["peak_rss_mib"] = mib(memory.peak)
         if self.cuda:
             record["peak_gpu_mib"] = mib(torch.cuda.max_memory_allocated())
-        tokens = record.pop("tokens", tokens)
-        flops = record.pop("flops", flops)
+        self.finish(name, record, clock.seconds, record.pop("tokens", tokens),
+                    record.pop("flops", flops))
+
+    def finish(self, name: str, record: dict, seconds: float, tokens: int | None = None,
+               flops: float | None = None) -> None:
+        """Store ``seconds`` and the rates derived from it in ``record`` under ``name``."""
+        self.stages[name] = record
+        record["seconds"] = round(seconds, 4)
         if tokens:
             record["tokens"] = tokens
-            record["tokens_per_s"] = round(tokens / clock.seconds, 1)
+            record["tokens_per_s"] = round(tokens / seconds, 1)
         if flops:
             record["tflops"] = round(flops / 1e12, 3)
-            record["tflop_per_s"] = round(flops / clock.seconds / 1e12, 3)
+            record["tflop_per_s"] = round(flops / seconds / 1e12, 3)
             if self.peak_tflops:
-                record["fraction_of_matmul_peak"] = round(flops / clock.seconds / 1e12
+                record["fraction_of_matmul_peak"] = round(flops / seconds / 1e12
                                                           / self.peak_tflops, 4)
-        log(f"{name}: {clock.seconds:.2f} s" + "".join(
+        if self.save is not None:
+            self.save()
+        log(f"{name}: {seconds:.2f} s" + "".join(
             f", {k} {v}" for k, v in record.items() if k in ("tokens_per_s", "tflop_per_s",
                                                              "fraction_of_matmul_peak",
                                                              "peak_gpu_mib")))
@@ -189,30 +198,52 @@ def warm_up(model, ids: torch.Tensor) -> None:
     model.zero_grad(set_to_none=True)
 
 
-def importance_stages(bench: Bench, model, ids: torch.Tensor) -> LayerImportance | None:
-    scores = {}
+def removal_comparison(bench: Bench, model, ids: torch.Tensor, batch_size: int = 8
+                       ) -> LayerImportance | None:
+    """Removal importance with prefix reuse (the library) and by the naive loop (baselines.py),
+    alternated batch by batch so that a change in machine load hits both alike; each variant's
+    time is the sum over its batches. Returns the library's scores averaged over batches."""
+    seconds = {"prefix_reuse": 0.0, "naive": 0.0}
+    scores: dict[str, list[list[float]]] = {"prefix_reuse": [], "naive": []}
+    base_ppl = []
+    with bench.stage("importance_removal_both_interleaved") as record:
+        for batch in ids.split(batch_size):
+            with Timer(bench.cuda) as clock:
+                batch_scores, stats = compute_layer_importance(model, batch, "removal", batch_size)
+            seconds["prefix_reuse"] += clock.seconds
+            scores["prefix_reuse"].append(batch_scores)
+            base_ppl.append(stats["base_ppl"])
+            with Timer(bench.cuda) as clock:
+                batch_scores, _ = naive_removal_importance(model, batch, batch_size)
+            seconds["naive"] += clock.seconds
+            scores["naive"].append(batch_scores)
+        record["note"] = "both variants, alternated per batch of 8 windows"
+    if "error" in record:
+        return None
     rows, length = ids.shape
-    with bench.stage("importance_removal_prefix_reuse", rows * length,
-                     removal_flops(model, ids, True)) as record:
-        scores["prefix"], stats = compute_layer_importance(model, ids, "removal")
-        record["base_ppl"] = stats["base_ppl"]
-    with bench.stage("importance_removal_naive", rows * length,
-                     removal_flops(model, ids, False)):
-        scores["naive"], _ = naive_removal_importance(model, ids)
+    for variant, prefix_reuse in (("prefix_reuse", True), ("naive", False)):
+        shared = {k: record[k] for k in ("peak_gpu_mib", "peak_rss_mib") if k in record}
+        bench.finish(f"importance_removal_{variant}", shared, seconds[variant], rows * length,
+                     removal_flops(model, ids, prefix_reuse))
+    bench.stages["importance_removal_prefix_reuse"]["base_ppl_first_batch"] = base_ppl[0]
+    differences = [abs(a - b) / max(abs(b), 1e-12) for x, y in zip(scores["naive"],
+                   scores["prefix_reuse"]) for a, b in zip(x, y)]
+    bench.stages["removal_naive_over_prefix_reuse"] = {
+        "ratio": round(seconds["naive"] / seconds["prefix_reuse"], 3),
+        "max_relative_score_difference": max(differences)}
+    per_layer = zip(*scores["prefix_reuse"])
+    return LayerImportance("removal", tuple(sum(v) / len(v) for v in per_layer))
+
+
+def importance_stages(bench: Bench, model, ids: torch.Tensor, removal_batch: int = 8
+                      ) -> LayerImportance | None:
+    importance = removal_comparison(bench, model, ids, removal_batch)
+    rows, length = ids.shape
     for method in ("activation", "block_influence"):
         with bench.stage(f"importance_{method}", rows * length,
                          forward_flops(model, length, rows)):
             compute_layer_importance(model, ids, method)
-    naive, prefix = bench.stages["importance_removal_naive"], bench.stages[
-        "importance_removal_prefix_reuse"]
-    if "seconds" in naive and "seconds" in prefix:
-        bench.stages["removal_naive_over_prefix_reuse"] = {
-            "ratio": round(naive["seconds"] / prefix["seconds"], 3),
-            "max_abs_score_difference": max(abs(a - b) for a, b in zip(scores["naive"],
-                                                                       scores["prefix"]))}
-    if "prefix" not in scores:
-        return None
-    return LayerImportance("removal", tuple(scores["prefix"]))
+    return importance
 
 
 def unit_stages(bench: Bench, model, ids: torch.Tensor, importance: LayerImportance | None) -> None:
@@ -286,6 +317,9 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--importance-seq-len", type=int, default=128)
     parser.add_argument("--examples", type=int, default=10)
     parser.add_argument("--example-seq-len", type=int, default=64)
+    parser.add_argument("--removal-batch-size", type=int, default=8,
+                        help="windows per batch of removal importance (the library's default 8); "
+                        "smaller batches interleave the two variants more finely")
     parser.add_argument("--eval-windows", type=int, help="default: 8 (demo), 32 (--shape)")
     parser.add_argument("--eval-seq-len", type=int, default=512)
     parser.add_argument("--calibration", help="pipeline calibration corpus; default demo, or "
@@ -311,7 +345,12 @@ def main(argv: list[str] | None = None) -> dict:
         args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
     skip = set(filter(None, args.skip.split(",")))
     data = header(None if argv is None else ["benchmarks/speed.py", *argv])
+    out = args.out or RESULTS_DIR / (f"speed_{device.type}.json" if not args.shape
+                                     else f"speed_{'gpu' if device.type == 'cuda' else 'cpu'}_"
+                                          f"{args.shape}.json")
     bench = Bench(device)
+    data["stages"] = bench.stages
+    bench.save = lambda: write_json(out, data)  # after every stage: a killed run keeps its part
     started = time.perf_counter()
     with bench.stage("matmul_peak") as record:
         record |= matmul_rate(device, dtype,
@@ -350,7 +389,8 @@ def main(argv: list[str] | None = None) -> dict:
     warm_up(model, unit_ids[:2, :16])
     importance = None
     if "importance" not in skip:
-        importance = importance_stages(bench, model, importance_ids.to(device))
+        importance = importance_stages(bench, model, importance_ids.to(device),
+                                       args.removal_batch_size)
     if "units" not in skip:
         if importance is None:  # the prune stages need rates; any scores will do for timing
             importance = LayerImportance("uniform", tuple([0.0] * len(layout(model))))
@@ -362,13 +402,9 @@ def main(argv: list[str] | None = None) -> dict:
                         args.importance_seq_len, "num_examples": args.examples,
                         "seq_len": args.example_seq_len}
         pipeline_stages(bench, model, tokenizer, calibration_corpus, sample_sizes)
-    data["stages"] = bench.stages
     data["wall_s"] = round(time.perf_counter() - started, 1)
     errors = [name for name, record in bench.stages.items() if "error" in record]
     data["errors"] = errors
-    out = args.out or RESULTS_DIR / (f"speed_{device.type}.json" if not args.shape
-                                     else f"speed_{'gpu' if device.type == 'cuda' else 'cpu'}_"
-                                          f"{args.shape}.json")
     write_json(out, data)
     log(f"wrote {out}; failed stages: {errors or 'none'}")
     return data

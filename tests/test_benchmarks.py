@@ -74,7 +74,7 @@ def test_speed_script_on_tiny_llama(corpus, tmp_path):
                  "prune_taylor_sequential", "surgery_apply_plan", "evaluate",
                  "pipeline_original", "pipeline_default"):
         assert stages[name]["seconds"] > 0, name
-    assert stages["removal_naive_over_prefix_reuse"]["max_abs_score_difference"] < 1e-6
+    assert stages["removal_naive_over_prefix_reuse"]["max_relative_score_difference"] < 1e-5
     assert json.loads(out.read_text())["model"]["name"] == "tiny-llama"
 
 
