@@ -217,7 +217,7 @@ def removal_comparison(bench: Bench, model, ids: torch.Tensor, batch_size: int =
                 batch_scores, _ = naive_removal_importance(model, batch, batch_size)
             seconds["naive"] += clock.seconds
             scores["naive"].append(batch_scores)
-        record["note"] = "both variants, alternated per batch of 8 windows"
+        record["note"] = f"both variants, alternated per batch of {batch_size} windows"
     if "error" in record:
         return None
     rows, length = ids.shape
