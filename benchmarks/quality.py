@@ -214,6 +214,7 @@ def plot(data: dict, path: Path) -> Path:
                       label=method, linestyle="--" if method == "naive-heads" else "-")
         dense = data["dense"]["ppl"][corpus]
         axis.set_yscale("log")
+        axis.set_xticks(sorted({100 * e["ratio"] for e in data["results"]}))
         axis.set_xlabel("parameters removed (% of all)")
         axis.set_ylabel("perplexity / dense perplexity")
         axis.set_title(f"{corpus}: dense ppl {dense['value']:.1f}, {dense['windows']} x "
