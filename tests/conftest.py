@@ -51,3 +51,14 @@ def demo():
     from gqaprune_core.models import load_model
 
     return load_model("demo", device="cpu")
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy machine idle OpenMP workers spin:
+    one thread keeps these tests ~10x faster there. Restored afterwards.
+    Opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

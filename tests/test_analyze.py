@@ -10,7 +10,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import torch
 
 from gqaprune_core.analyze import compare, component_parameters, format_report, main
 from gqaprune_core.checkpoint import WEIGHTS_NAME, save_pruned
@@ -21,14 +20,7 @@ from gqaprune_core.surgery import apply_plan_
 E, D, VOCAB = 48, 8, 97  # tiny llama: hidden, head_dim, vocabulary; q_per_kv 3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine idle OpenMP workers spin:
-    one thread keeps these tests ~10x faster there. Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def mixed_plan(model) -> PruningPlan:

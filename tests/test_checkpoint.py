@@ -21,14 +21,7 @@ from gqaprune_core.tiny import char_tokenizer
 PACKAGE = Path(__file__).resolve().parents[1] / "gqaprune_core"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine idle OpenMP workers spin:
-    one thread keeps these tests ~10x faster there. Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def keep_plan(model, keep: dict[int, tuple[tuple[int, ...] | None, tuple[int, ...] | None]]
