@@ -56,8 +56,11 @@ def method_config(method: str, ratio: float, args) -> tuple[PruneConfig, list[st
                         calibration_dataset=args.calibration, seed=args.seed)
     if method in UNIFORM_UNIT_METHODS:
         # Bounds do not shape uniform rates; (0, 0.9) only keeps the range check from refusing.
+        # Groups rounded across layers: one group goes in most layers, as in LLM-Pruner-style
+        # uniform head pruning (and the reference numbers in issue 7).
         config = config.with_(pruning_strategy="uniform", unit_importance=UNIFORM_UNIT_METHODS[method],
-                              mode="one-shot", min_pruning_rate=0.0, max_pruning_rate=0.9)
+                              mode="one-shot", min_pruning_rate=0.0, max_pruning_rate=0.9,
+                              group_rounding="across")
     elif method == "naive-heads":
         config = config.with_(unit_importance="naive-heads")
     overrides = {name: value for name, value in (

@@ -33,8 +33,8 @@ from datetime import datetime
 from typing import Any
 
 from gqaprune_core import outputs
-from gqaprune_core.config import (IMPORTANCE_METHODS, MODES, PRESETS, STRATEGIES, UNIT_METHODS,
-                                  PruneConfig)
+from gqaprune_core.config import (GROUP_ROUNDINGS, IMPORTANCE_METHODS, MODES, PRESETS, STRATEGIES,
+                                  UNIT_METHODS, PruneConfig)
 
 DEFAULT_PRESET = "original"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -42,7 +42,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 CONFIG_FLAGS = (
     "base_model", "pruning_ratio", "ratio_of", "importance_method", "pruning_strategy", "alpha",
     "min_pruning_rate", "max_pruning_rate", "layer_start", "layer_end", "importance_samples",
-    "importance_seq_len", "num_examples", "seq_len", "prune_mlp", "prune_attention", "mode",
+    "importance_seq_len", "num_examples", "seq_len", "prune_mlp", "prune_attention", "group_rounding", "mode",
     "unit_importance", "compensate", "refit_ridge",
     "calibration_dataset", "eval_datasets", "eval_seq_len", "max_eval_windows", "seed", "device",
     "dtype",
@@ -119,6 +119,10 @@ def _add_pruning_flags(parser: argparse.ArgumentParser, d: PruneConfig) -> None:
         "in the original script (with --preset: the preset's choice)"))
     group.add_argument("--prune_attention", action=argparse.BooleanOptionalAction, help=(
         "prune whole GQA groups (default: on; --no-prune_attention prunes MLP channels only)"))
+    group.add_argument("--group_rounding", choices=GROUP_ROUNDINGS, help=(
+        "whole groups per layer: 'per_layer' removes floor(rate x groups) in each layer, as the "
+        "original script; 'across' rounds group counts across layers so attention pays its share "
+        f"of the budget (MLP channels take up the rest either way) (default: {d.group_rounding})"))
 
 
 def _add_importance_flags(parser: argparse.ArgumentParser, d: PruneConfig) -> None:

@@ -15,11 +15,13 @@ Strategy = Literal["inverse", "proportional", "uniform"]
 Mode = Literal["sequential", "one-shot"]
 UnitImportance = Literal["taylor", "magnitude", "activation", "random", "naive-heads"]
 RatioOf = Literal["prunable", "total"]
+GroupRounding = Literal["across", "per_layer"]
 
 IMPORTANCE_METHODS = ("removal", "activation", "block_influence")
 STRATEGIES = ("inverse", "proportional", "uniform")
 MODES = ("sequential", "one-shot")
 UNIT_METHODS = ("taylor", "magnitude", "activation", "random", "naive-heads")
+GROUP_ROUNDINGS = ("across", "per_layer")
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,9 @@ class PruneConfig:
     seq_len: int = 64
     prune_attention: bool = True
     prune_mlp: bool = True
+    # "per_layer": floor(rate * groups) in each layer, the original's rule; "across": group
+    # counts rounded across layers so attention gives its share of the budget.
+    group_rounding: GroupRounding = "per_layer"
     mode: Mode = "sequential"
     unit_importance: UnitImportance = "taylor"
     calibration_dataset: str = "demo"
@@ -58,7 +63,8 @@ class PruneConfig:
 
     def __post_init__(self) -> None:
         choices = {"importance_method": IMPORTANCE_METHODS, "pruning_strategy": STRATEGIES,
-                   "mode": MODES, "unit_importance": UNIT_METHODS, "ratio_of": ("prunable", "total")}
+                   "mode": MODES, "unit_importance": UNIT_METHODS, "ratio_of": ("prunable", "total"),
+                   "group_rounding": GROUP_ROUNDINGS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}; choose one of {', '.join(allowed)}")

@@ -80,7 +80,8 @@ def plan_units(config: PruneConfig, model: nn.Module, importance: LayerImportanc
                         config.min_pruning_rate, config.max_pruning_rate, config.layer_start, end,
                         weights=prunable_parts(config, costs))
     allocation = allocate_units(shapes, costs, rates, importance.scores,
-                                prune_attention=config.prune_attention, prune_mlp=config.prune_mlp)
+                                prune_attention=config.prune_attention, prune_mlp=config.prune_mlp,
+                                group_rounding=config.group_rounding)
     return rates, allocation
 
 

@@ -8,9 +8,11 @@ Two pure steps:
    whose parameter-weighted mean over the layers in range is exactly the target, every rate
    within ``[min_rate, max_rate]``.
 2. :func:`allocate_units` turns those rates into whole units. A GQA group is coarse (on the
-   demo model one group is a third of a layer's attention, 8.3 % of the layer), so rounding each
-   layer on its own would miss the budget by up to a group per layer. Groups are therefore
-   rounded *across* layers, and MLP channels (1,728 parameters each on the demo model) absorb
+   demo model one group is a third of a layer's attention, 8.3 % of the layer). Two roundings:
+   ``"across"`` rounds group counts across layers (largest remainder), so attention gives
+   about its share of the budget; ``"per_layer"`` (the original project's rule) removes
+   ``floor(rate * groups)`` in each layer, so a layer loses a group only once its rate reaches
+   one group's share. Either way MLP channels (1,728 parameters each on the demo model) absorb
    what the groups leave, so the parameters removed match the budget.
 
 :func:`unit_costs` reads from a model's weights how many parameters one unit removes.
@@ -29,6 +31,8 @@ from gqaprune_core.models import LayerLayout, decoder_layers, layout
 
 Strategy = Literal["inverse", "proportional", "uniform"]
 STRATEGIES: tuple[str, ...] = ("inverse", "proportional", "uniform")
+GroupRounding = Literal["across", "per_layer"]
+GROUP_ROUNDINGS: tuple[str, ...] = ("across", "per_layer")
 BUDGET_TOLERANCE = 0.005  # |removed - budget| allowed, as a fraction of the prunable parameters
 
 
@@ -302,13 +306,15 @@ def _channel_counts(budgets: Sequence[float], group_params: Sequence[int],
 
 def allocate_units(model_layout: Sequence[LayerLayout], costs: Sequence[UnitCost],
                    rates: Sequence[float], layer_scores: Sequence[float] | None = None,
-                   prune_attention: bool = True, prune_mlp: bool = True) -> UnitAllocation:
+                   prune_attention: bool = True, prune_mlp: bool = True,
+                   group_rounding: GroupRounding = "across") -> UnitAllocation:
     """Whole GQA groups and MLP channels to keep per layer so that the parameters removed meet
     ``sum_l rate_l * prunable_l``.
 
     Each layer's budget is split between attention and MLP in proportion to their parameters.
-    Group counts are rounded across layers (largest remainder; ties go to the least important
-    layer when ``layer_scores`` is given), every layer keeps >= 1 group and >= 1 channel, and
+    Group counts are rounded across layers (``group_rounding="across"``: largest remainder; ties
+    go to the least important layer when ``layer_scores`` is given) or down in each layer
+    (``"per_layer"``), every layer keeps >= 1 group and >= 1 channel, and
     channels take up what the groups leave, so with both parts pruned the total is met within
     0.5 % of the prunable parameters whenever the layers can give that much while keeping one
     group and one channel each (on the demo model: any rates up to 0.9).
@@ -319,9 +325,12 @@ def allocate_units(model_layout: Sequence[LayerLayout], costs: Sequence[UnitCost
         rates: L rates in [0, 1), as from :func:`layer_rates`; 0 leaves a layer whole.
         layer_scores: L importance scores (higher = more important), for tie-breaking only.
         prune_attention, prune_mlp: which parts to prune (at least one).
+        group_rounding: ``"across"`` or ``"per_layer"`` (see the module docstring). With
+            attention alone pruned, ``"per_layer"`` usually misses the budget (``budget_met``).
 
     Raises:
-        ValueError: lengths that differ from L, rates outside [0, 1), or neither part pruned.
+        ValueError: lengths that differ from L, rates outside [0, 1), neither part pruned, or
+            an unknown ``group_rounding``.
     """
     count = len(model_layout)
     scores = [0.0] * count if layer_scores is None else [float(s) for s in layer_scores]
@@ -333,6 +342,8 @@ def allocate_units(model_layout: Sequence[LayerLayout], costs: Sequence[UnitCost
         raise ValueError(f"rates must lie in [0, 1); layer: rate = {bad}")
     if not (prune_attention or prune_mlp):
         raise ValueError("prune_attention and prune_mlp are both False: nothing to allocate")
+    if group_rounding not in GROUP_ROUNDINGS:
+        raise ValueError(f"group_rounding={group_rounding!r}; choose one of {', '.join(GROUP_ROUNDINGS)}")
     active = [r > 0 for r in rates]
     parts = [(c.attention if prune_attention else 0) + (c.mlp if prune_mlp else 0) for c in costs]
     prunable = sum(p for p, on in zip(parts, active) if on)
@@ -345,7 +356,10 @@ def allocate_units(model_layout: Sequence[LayerLayout], costs: Sequence[UnitCost
         group_target = (sum(i * c.group for i, c in zip(ideal, costs)) if prune_mlp
                         else sum(budgets))
         caps = [s.kv_heads - 1 if on else 0 for s, on in zip(model_layout, active)]
-        groups = _round_units(ideal, [c.group for c in costs], caps, group_target, scores)
+        if group_rounding == "per_layer":  # 1e-9: a rate of exactly one group's share counts
+            groups = [min(int(math.floor(x + 1e-9)), c) for x, c in zip(ideal, caps)]
+        else:
+            groups = _round_units(ideal, [c.group for c in costs], caps, group_target, scores)
     channels = [0] * count
     if prune_mlp:
         widths = [s.mlp_width if on else 1 for s, on in zip(model_layout, active)]

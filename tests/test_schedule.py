@@ -151,12 +151,12 @@ def test_demo_budget_met(target):
 
 @FAST
 @given(st.lists(st.floats(0.0, 0.9) | st.just(0.0), min_size=30, max_size=30),
-       st.booleans(), st.booleans())
-def test_any_demo_rates_meet_budget(rates, prune_attention, prune_mlp):
+       st.booleans(), st.booleans(), st.sampled_from(["across", "per_layer"]))
+def test_any_demo_rates_meet_budget(rates, prune_attention, prune_mlp, rounding):
     if not (prune_attention or prune_mlp):
         prune_attention = prune_mlp = True
     allocation = allocate_units(DEMO_LAYOUT, DEMO_COSTS, rates, DEMO_SCORES,
-                                prune_attention, prune_mlp)
+                                prune_attention, prune_mlp, group_rounding=rounding)
     assert all(1 <= g <= 3 for g in allocation.groups_to_keep)
     assert all(1 <= c <= 1536 for c in allocation.channels_to_keep)
     whole = [i for i, r in enumerate(rates) if r == 0]
@@ -168,16 +168,37 @@ def test_any_demo_rates_meet_budget(rates, prune_attention, prune_mlp):
             0.005 * allocation.params_prunable + 1)
 
 
-def test_quarter_rate_removes_groups():
-    """int(3 * 0.25) == 0: rounding per layer (the original) removes no group at all."""
-    allocation = allocate_units(DEMO_LAYOUT, DEMO_COSTS, [0.25] * 30)
+def test_quarter_rate_removes_groups_across_layers():
+    """int(3 * 0.25) == 0 would remove no group; rounding across layers gives attention its
+    share of the budget in whole groups."""
+    allocation = allocate_units(DEMO_LAYOUT, DEMO_COSTS, [0.25] * 30, group_rounding="across")
     groups_removed = sum(3 - g for g in allocation.groups_to_keep)
     assert groups_removed in (22, 23)  # 30 layers * 0.75 ideal groups
     assert allocation.budget_met
 
 
+def test_per_layer_rounding_cuts_a_group_only_from_one_groups_share():
+    """The original's rule: floor(rate * 3) groups per layer; channels take up the rest."""
+    rates = [0.25] * 10 + [1 / 3] * 10 + [0.5] * 5 + [0.7] * 5
+    allocation = allocate_units(DEMO_LAYOUT, DEMO_COSTS, rates, DEMO_SCORES,
+                                group_rounding="per_layer")
+    assert allocation.groups_to_keep == (3,) * 10 + (2,) * 15 + (1,) * 5
+    assert allocation.budget_met
+    budget = sum(r * (DEMO_COST.attention + DEMO_COST.mlp) for r in rates)
+    assert abs(allocation.params_removed - budget) <= 0.005 * allocation.params_prunable
+    quarter = allocate_units(DEMO_LAYOUT, DEMO_COSTS, [0.25] * 30, group_rounding="per_layer")
+    assert quarter.groups_to_keep == (3,) * 30
+    assert quarter.budget_met
+
+
+def test_unknown_group_rounding_is_refused():
+    with pytest.raises(ValueError, match="group_rounding='nearest'"):
+        allocate_units(DEMO_LAYOUT, DEMO_COSTS, [0.25] * 30, group_rounding="nearest")
+
+
 def test_extra_groups_go_to_least_important_layers():
-    allocation = allocate_units(DEMO_LAYOUT, DEMO_COSTS, [0.25] * 30, DEMO_SCORES)
+    allocation = allocate_units(DEMO_LAYOUT, DEMO_COSTS, [0.25] * 30, DEMO_SCORES,
+                                group_rounding="across")
     cut = [i for i, g in enumerate(allocation.groups_to_keep) if g < 3]
     spared = [i for i, g in enumerate(allocation.groups_to_keep) if g == 3]
     assert max(DEMO_SCORES[i] for i in cut) <= min(DEMO_SCORES[i] for i in spared)
