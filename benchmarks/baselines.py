@@ -18,8 +18,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
+from gqaprune_core.evaluate import window_nll
 from gqaprune_core.models import count_parameters, decoder_layers, layout
 from gqaprune_core.plan import PruningPlan, build_plan
 from gqaprune_core.pruner import prune_model_
@@ -185,11 +185,8 @@ class _Bypass(nn.Module):
 
 
 def _batch_nll(model: nn.Module, ids: torch.Tensor) -> float:
-    logits = model(ids, use_cache=False).logits
-    vocab = logits.shape[-1]  # flattened rows, as the library does (same float summation order)
-    loss = F.cross_entropy(logits[:, :-1].reshape(-1, vocab).float(), ids[:, 1:].reshape(-1),
-                           reduction="sum")
-    return float(loss.double())
+    # the library's NLL (chunked LM head), so both variants sum in the same float order
+    return float(window_nll(model, ids).sum())
 
 
 @torch.no_grad()

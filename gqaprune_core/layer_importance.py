@@ -38,6 +38,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from gqaprune_core.data import calibration_batch
+from gqaprune_core.evaluate import nll_from_hidden
 from gqaprune_core.models import cache_dir, decoder_layers
 
 Method = Literal["removal", "activation", "block_influence"]
@@ -92,8 +93,9 @@ class _LayerCall:
 
 
 def _record_calls(model: nn.Module, ids: torch.Tensor) -> tuple[list[_LayerCall], torch.Tensor]:
-    """One forward pass of ``ids`` (B, T) recording every layer's call; returns the L calls and
-    the logits (B, T, V). The hooks are removed even if the pass fails."""
+    """One pass of ``ids`` (B, T) through the decoder recording every layer's call; returns the L
+    calls and the final (normalized) hidden states (B, T, E). The hooks are removed even if the
+    pass fails."""
     calls: list[_LayerCall | None] = [None] * len(decoder_layers(model))
 
     def make_hook(index: int):
@@ -104,42 +106,35 @@ def _record_calls(model: nn.Module, ids: torch.Tensor) -> tuple[list[_LayerCall]
     handles = [layer.register_forward_pre_hook(make_hook(i), with_kwargs=True)
                for i, layer in enumerate(decoder_layers(model))]
     try:
-        logits = model(ids, use_cache=False).logits
+        final = model.model(ids, use_cache=False).last_hidden_state
     finally:
         for handle in handles:
             handle.remove()
     missing = [i for i, call in enumerate(calls) if call is None]
     if missing:
         raise RuntimeError(f"decoder layers {missing} were not called by the model's forward")
-    return calls, logits  # type: ignore[return-value]
+    return calls, final  # type: ignore[return-value]
 
 
-def _head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """Final norm and LM head: (B, T, E) → (B, T, V)."""
-    return model.get_output_embeddings()(model.model.norm(hidden))
-
-
-def _nll_sum(logits: torch.Tensor, ids: torch.Tensor) -> float:
-    """Summed next-token NLL of a batch, computed in float32, accumulated in float64."""
-    vocab = logits.shape[-1]  # flattened rows: CE over a transposed view is far slower
-    loss = F.cross_entropy(logits[:, :-1].reshape(-1, vocab).float(), ids[:, 1:].reshape(-1),
-                           reduction="sum")
-    return float(loss.double())
+def _nll_sum(model: nn.Module, hidden: torch.Tensor, ids: torch.Tensor, normalized: bool = False
+             ) -> float:
+    """Summed next-token NLL of a batch from hidden states (final norm unless ``normalized``,
+    then the LM head in chunks; see :func:`gqaprune_core.evaluate.nll_from_hidden`)."""
+    return float(nll_from_hidden(model, hidden, ids, normalized=normalized).sum())
 
 
 def _removal_batch(model: nn.Module, ids: torch.Tensor, tick: Callable[[], None]
                    ) -> tuple[float, list[float]]:
     """Summed NLL of ``ids`` (B, T) with all layers, and with each layer bypassed in turn."""
     layers = decoder_layers(model)
-    calls, logits = _record_calls(model, ids)
-    base = _nll_sum(logits, ids)
-    del logits
+    calls, final = _record_calls(model, ids)
+    base = _nll_sum(model, final, ids, normalized=True)
     bypassed = []
     for skipped in range(len(layers)):
         hidden = calls[skipped].hidden
         for later in range(skipped + 1, len(layers)):
             hidden = calls[later].run(layers[later], hidden)
-        bypassed.append(_nll_sum(_head_logits(model, hidden), ids))
+        bypassed.append(_nll_sum(model, hidden, ids))
         tick()
     return base, bypassed
 

@@ -6,9 +6,10 @@ import math
 
 import pytest
 import torch
+from torch.nn import functional as F
 
 from gqaprune_core.data import evaluation_windows
-from gqaprune_core.evaluate import evaluate_corpora, perplexity
+from gqaprune_core.evaluate import evaluate_corpora, nll_from_hidden, perplexity, window_nll
 
 
 def test_perplexity_matches_hand_computation(make_tiny):
@@ -53,3 +54,18 @@ def test_demo_perplexity_is_plausible(demo):
     windows = evaluation_windows(tokenizer, "demo", seq_len=512, max_windows=4)
     result = perplexity(model, windows, corpus="demo")
     assert 10 < result.value < 100, result
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 10_000])
+def test_chunked_head_equals_full_logits(make_tiny, chunk):
+    """The LM head in chunks of positions gives the same per-window NLL as full logits."""
+    model = make_tiny("qwen2_bias")
+    ids = torch.randint(0, model.config.vocab_size, (3, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        hidden = model.model(ids, use_cache=False).last_hidden_state
+        chunked = nll_from_hidden(model, hidden, ids, normalized=True, chunk_tokens=chunk)
+        logits = model(ids).logits[:, :-1].float()
+        full = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                               reduction="none").view(3, -1).double().sum(dim=1)
+    assert torch.allclose(chunked, full, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(window_nll(model, ids), full, rtol=1e-6, atol=1e-6)

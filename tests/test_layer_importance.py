@@ -14,7 +14,6 @@ import gqaprune_core.layer_importance as importance_module
 from gqaprune_core.evaluate import perplexity
 from gqaprune_core.layer_importance import (
     LayerImportance,
-    _head_logits,
     _record_calls,
     compute_layer_importance,
     layer_importance,
@@ -66,12 +65,12 @@ def assert_no_hooks(model):
 def test_manual_layers_reproduce_forward(make_tiny, variant):
     model, ids = make_tiny(variant), calibration()
     with torch.no_grad():
-        calls, logits = _record_calls(model, ids)
+        calls, final = _record_calls(model, ids)
         hidden = calls[0].hidden
         for call, layer in zip(calls, decoder_layers(model)):
             hidden = call.run(layer, hidden)
-        assert torch.equal(_head_logits(model, hidden), logits)
-        assert torch.equal(logits, model(ids).logits)
+        assert torch.equal(model.model.norm(hidden), final)
+        assert torch.equal(model.lm_head(final), model(ids).logits)
     assert_no_hooks(model)
 
 
