@@ -153,6 +153,7 @@ class Bench:
         if self.cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
+            at_start = torch.cuda.memory_allocated()
         memory = PeakRSS()
         try:
             with memory, Timer(self.cuda) as clock:
@@ -163,8 +164,10 @@ class Bench:
             log(f"{name}: FAILED {record['error']}")
             return
         record["peak_rss_mib"] = mib(memory.peak)
-        if self.cuda:
+        if self.cuda:  # extra: above what was already held (the model, a copy made before)
             record["peak_gpu_mib"] = mib(torch.cuda.max_memory_allocated())
+            record["gpu_mib_at_start"] = mib(at_start)
+            record["extra_gpu_mib"] = mib(torch.cuda.max_memory_allocated() - at_start)
         self.finish(name, record, clock.seconds, record.pop("tokens", tokens),
                     record.pop("flops", flops))
 
@@ -187,7 +190,7 @@ class Bench:
         log(f"{name}: {seconds:.2f} s" + "".join(
             f", {k} {v}" for k, v in record.items() if k in ("tokens_per_s", "tflop_per_s",
                                                              "fraction_of_matmul_peak",
-                                                             "peak_gpu_mib")))
+                                                             "peak_gpu_mib", "extra_gpu_mib")))
 
 
 def warm_up(model, ids: torch.Tensor) -> None:
@@ -302,6 +305,23 @@ def pipeline_stages(bench: Bench, model, tokenizer, calibration: str, sample_siz
             "ratio": round(default_run["seconds"] / original["seconds"], 3)}
 
 
+def full_procedure_stage(bench: Bench, model, tokenizer, calibration: str, eval_corpus: str,
+                         eval_windows: int, eval_seq_len: int) -> None:
+    """The default pipeline at its own sample sizes, IN PLACE (no copy: the peak is what a user
+    pays), with perplexity before and after on ``eval_windows`` windows. Cuts ``model``: run it
+    last."""
+    default, _ = default_preset()
+    config = default.with_(calibration_dataset=calibration, eval_datasets=(eval_corpus,),
+                           max_eval_windows=eval_windows, eval_seq_len=eval_seq_len)
+    with temporary_cache(), bench.stage("full_procedure_default_in_place") as record:
+        result = run_pipeline(config, model, tokenizer, copy_model=False, evaluate=True)
+        record["timings_s"] = result.report["timings_s"]
+        record["eval_tokens_each"] = result.report["ppl_before"][eval_corpus]["tokens"]
+        record["params_after"] = result.report["params_after"]
+        record["note"] = ("default preset, no copy of the model, evaluation before and after "
+                          "included")
+
+
 # ---------------------------------------------------------------------------------------------
 # main
 
@@ -326,7 +346,10 @@ def parse_args(argv: list[str] | None = None):
                         "pydoc with --shape (read through a character tokenizer)")
     parser.add_argument("--matmul-size", type=int, help="default 8192 on GPU, 2048 on CPU")
     parser.add_argument("--skip", default="", help="comma-separated stage groups to skip: "
-                        "importance,units,evaluate,pipeline")
+                        "importance,units,evaluate,pipeline,full")
+    parser.add_argument("--full-eval-windows", type=int, default=560,
+                        help="windows of the last stage's evaluation before and after (560 x 512 "
+                        "= 287k tokens, about WikiText-2's test split under a Llama-3 tokenizer)")
     parser.add_argument("--dtype", help="default bfloat16 on GPU, float32 on CPU")
     parser.add_argument("--threads", type=int)
     parser.add_argument("--out", type=Path)
@@ -402,6 +425,9 @@ def main(argv: list[str] | None = None) -> dict:
                         args.importance_seq_len, "num_examples": args.examples,
                         "seq_len": args.example_seq_len}
         pipeline_stages(bench, model, tokenizer, calibration_corpus, sample_sizes)
+    if "full" not in skip:  # cuts the model: last
+        full_procedure_stage(bench, model, tokenizer, calibration_corpus, calibration_corpus,
+                             args.full_eval_windows, args.eval_seq_len)
     data["wall_s"] = round(time.perf_counter() - started, 1)
     errors = [name for name, record in bench.stages.items() if "error" in record]
     data["errors"] = errors

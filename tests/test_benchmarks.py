@@ -67,13 +67,14 @@ def test_speed_script_on_tiny_llama(corpus, tmp_path):
         "--shape", "tiny-llama", "--random-weights", "--device", "cpu", "--importance-samples",
         "4", "--importance-seq-len", "32", "--examples", "4", "--example-seq-len", "16",
         "--eval-windows", "2", "--eval-seq-len", "32", "--matmul-size", "256",
-        "--calibration", str(corpus), "--out", str(out)])
+        "--full-eval-windows", "3", "--calibration", str(corpus), "--out", str(out)])
     assert data["errors"] == [], {k: v.get("error") for k, v in data["stages"].items()}
     stages = data["stages"]
     for name in ("importance_removal_prefix_reuse", "importance_removal_naive",
                  "prune_taylor_sequential", "surgery_apply_plan", "evaluate",
-                 "pipeline_original", "pipeline_default"):
+                 "pipeline_original", "pipeline_default", "full_procedure_default_in_place"):
         assert stages[name]["seconds"] > 0, name
+    assert stages["full_procedure_default_in_place"]["eval_tokens_each"] == 3 * 31
     assert stages["removal_naive_over_prefix_reuse"]["max_relative_score_difference"] < 1e-5
     assert json.loads(out.read_text())["model"]["name"] == "tiny-llama"
 
