@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import sys
 import time
 from pathlib import Path
@@ -231,6 +232,33 @@ def plot(data: dict, path: Path) -> Path:
     return path
 
 
+def table(paths: list[Path]) -> str:
+    """A markdown table of every evaluated entry in ``paths`` (later files win on the same
+    method and ratio), sorted by budget, then by the geometric mean of the ratios."""
+    entries, dense = {}, None
+    for path in paths:
+        data = read_json(path)
+        dense = dense or data["dense"]
+        for entry in data["results"]:
+            if "ppl" in entry:
+                entries[(entry["ratio"], entry["method"])] = entry | {"file": path.name}
+    corpora = list(dense["ppl"])
+    head = ["removed (of all)", "method", "params after",
+            *[f"{c} ppl (x dense)" for c in corpora], "geo-mean ratio", "prune s", "file"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def geo(entry):
+        ratios = [entry["ppl_ratio"][c] for c in corpora]
+        return math.exp(sum(map(math.log, ratios)) / len(ratios))
+
+    for (ratio, method), entry in sorted(entries.items(), key=lambda kv: (kv[0][0], geo(kv[1]))):
+        cells = [f"{ratio:.0%}", method, f"{entry['params']:,}",
+                 *[f"{entry['ppl'][c]['value']:,.2f} ({entry['ppl_ratio'][c]:,.2f})" for c in corpora],
+                 f"{geo(entry):,.2f}", f"{entry['prune_s']:,.0f}", entry["file"]]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 def parse_args(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ratios", default="0.1,0.2,0.3", help="shares of ALL parameters")
@@ -254,6 +282,8 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--resume", action="store_true", help="skip entries already in --out")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--table", nargs="+", type=Path, metavar="JSON",
+                        help="print a markdown table of these result files and exit")
     args = parser.parse_args(argv)
     if args.quick:
         explicit = set(argv if argv is not None else sys.argv[1:])
@@ -273,6 +303,9 @@ def parse_args(argv: list[str] | None = None):
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.table:
+        print(table(args.table))
+        return {}
     set_threads(args.threads)
     started = time.perf_counter()
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)

@@ -5,6 +5,8 @@ Named sources:
 - ``demo``: gensim's ``lee_background.cor`` (300 Australian news articles, one per line), read
   from the installed package; no network.
 - ``pydoc``: the standard library's ``pydoc_data.topics`` (Python reference documentation).
+- ``wiki``: 96 English Wikipedia articles ("Anarchism" ... "Apollo 11") from the shortened dump
+  in gensim's test data, markup stripped (:mod:`gqaprune_core.wiki`); no network.
 - ``wikitext2``, ``ptb``, ``c4``: through ``datasets``; they need the network or a local cache.
 - any local ``.txt`` file: documents are separated by blank lines.
 - ``a+b``: a mixture, e.g. ``demo+pydoc``; each part keeps its own split.
@@ -24,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-BUILTIN_CORPORA = ("demo", "pydoc", "wikitext2", "ptb", "c4")
+BUILTIN_CORPORA = ("demo", "pydoc", "wiki", "wikitext2", "ptb", "c4")
 
 
 class CorpusError(ValueError):
@@ -55,13 +57,25 @@ def _split(name: str, documents: list[str], calibration_fraction: float) -> Corp
     return Corpus(name, tuple(documents[:cut]), tuple(documents[cut:]))
 
 
-def _demo_documents() -> list[str]:
+def _gensim_test_file(name: str, corpus: str) -> Path:
     spec = importlib.util.find_spec("gensim")
     if spec is None or not spec.submodule_search_locations:
-        raise CorpusError("the demo corpus needs gensim: run `make setup` (pip install gensim)")
-    root = Path(next(iter(spec.submodule_search_locations)))
-    path = root / "test" / "test_data" / "lee_background.cor"
+        raise CorpusError(f"the {corpus} corpus needs gensim: run `make setup` (pip install gensim)")
+    path = Path(next(iter(spec.submodule_search_locations))) / "test" / "test_data" / name
+    if not path.is_file():
+        raise CorpusError(f"the {corpus} corpus reads {path}, which this gensim does not ship")
+    return path
+
+
+def _demo_documents() -> list[str]:
+    path = _gensim_test_file("lee_background.cor", "demo")
     return path.read_text(encoding="utf-8", errors="replace").splitlines()
+
+
+def _wiki_documents() -> list[str]:
+    from gqaprune_core.wiki import DUMP, wiki_documents
+
+    return wiki_documents(_gensim_test_file(DUMP, "wiki"))
 
 
 def _pydoc_documents() -> list[str]:
@@ -118,6 +132,8 @@ def load_corpus(name: str, calibration_fraction: float = 0.5) -> Corpus:
         return _split(name, _demo_documents(), calibration_fraction)
     if name == "pydoc":
         return _split(name, _pydoc_documents(), calibration_fraction)
+    if name == "wiki":
+        return _split(name, _wiki_documents(), calibration_fraction)
     if name in _HF_SOURCES:
         return _HF_SOURCES[name]()
     path = Path(name).expanduser()

@@ -343,7 +343,8 @@ def allocate_units(model_layout: Sequence[LayerLayout], costs: Sequence[UnitCost
     if not (prune_attention or prune_mlp):
         raise ValueError("prune_attention and prune_mlp are both False: nothing to allocate")
     if group_rounding not in GROUP_ROUNDINGS:
-        raise ValueError(f"group_rounding={group_rounding!r}; choose one of {', '.join(GROUP_ROUNDINGS)}")
+        raise ValueError(f"group_rounding={group_rounding!r}; choose one of "
+                         f"{', '.join(GROUP_ROUNDINGS)}")
     active = [r > 0 for r in rates]
     parts = [(c.attention if prune_attention else 0) + (c.mlp if prune_mlp else 0) for c in costs]
     prunable = sum(p for p, on in zip(parts, active) if on)

@@ -1,0 +1,139 @@
+"""Choose the default preset's settings on held-out CALIBRATION text, never on evaluation text.
+
+    python benchmarks/select_default.py --variants ridge-0.1,ridge-1 --ratio 0.2
+    python benchmarks/select_default.py --list
+
+The calibration parts of ``demo`` (news), ``wiki`` (encyclopedia) and ``pydoc`` (technical
+prose) are split again by document: 70 % to fit (calibration windows, layer scores) and 30 % to
+validate. Most variants fit on news + wiki and are validated on the held-out news and wiki, on
+pydoc's held-out part (a kind of text they never saw) and, when present, on the license texts
+in ``/usr/share/common-licenses`` (never fitted on, neither shipped nor evaluated by the
+project). The unseen kinds are the cross-domain check: what unknown user text asks of the
+default.
+
+Results go to ``benchmarks/results/select_default.json`` (one entry per variant, resumable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent)]
+
+import torch  # noqa: E402
+
+from common import RESULTS_DIR, Timer, header, log, read_json, set_threads, write_json  # noqa: E402
+from gqaprune_core import data  # noqa: E402
+from gqaprune_core.config import PRESETS  # noqa: E402
+from gqaprune_core.evaluate import perplexity  # noqa: E402
+from gqaprune_core.models import count_parameters, load_model  # noqa: E402
+from gqaprune_core.pipeline import run_pipeline  # noqa: E402
+
+FIT_FRACTION = 0.7
+LICENSES = Path("/usr/share/common-licenses")
+BASE = PRESETS["default"]
+
+# name -> (fit corpus, PruneConfig changes from the default preset). "nw" fits on news + wiki
+# and leaves pydoc and the licenses unseen; "all" fits on news + wiki + pydoc.
+NW, ALL = "sel-demo+sel-wiki", "sel-demo+sel-wiki+sel-pydoc"
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "nw/ridge-0.1": (NW, {"refit_ridge": 0.1}),
+    "nw/ridge-1": (NW, {"refit_ridge": 1.0}),
+    "nw/ridge-0.3": (NW, {"refit_ridge": 0.3}),
+    "nw/ridge-3": (NW, {"refit_ridge": 3.0}),
+    "nw/uniform": (NW, {"pruning_strategy": "uniform"}),
+    "nw/alpha-1": (NW, {"alpha": 1.0}),
+    "nw/max-0.5": (NW, {"max_pruning_rate": 0.5}),
+    "nw/128x256": (NW, {"num_examples": 128}),
+    "nw/no-refit": (NW, {"compensate": False, "unit_importance": "taylor"}),
+    "news/ridge-0.1": ("sel-demo", {"refit_ridge": 0.1}),
+    "all/ridge-0.1": (ALL, {"refit_ridge": 0.1}),
+}
+
+
+def held_out_corpora() -> dict[str, data.Corpus]:
+    """``sel-X``: calibration = the fit share of X's calibration part, evaluation = the rest."""
+    corpora = {}
+    for name in ("demo", "pydoc", "wiki"):
+        documents = data.load_corpus(name).calibration
+        cut = round(len(documents) * FIT_FRACTION)
+        corpora[f"sel-{name}"] = data.Corpus(f"sel-{name}", documents[:cut], documents[cut:])
+    if LICENSES.is_dir():
+        texts = sorted({p.read_text(errors="replace") for p in LICENSES.iterdir() if p.is_file()})
+        corpora["sel-licenses"] = data.Corpus("sel-licenses", (), tuple(texts))
+    return corpora
+
+
+def install(corpora: dict[str, data.Corpus]) -> None:
+    """Let the library resolve ``sel-*`` names (and mixtures of them) like built-in corpora."""
+    original = data.load_corpus
+
+    def load(name: str, calibration_fraction: float = 0.5) -> data.Corpus:
+        if "+" in name and all(part in corpora for part in name.split("+")):
+            parts = [corpora[part] for part in name.split("+")]
+            return data.Corpus(name, tuple(d for p in parts for d in p.calibration),
+                               tuple(d for p in parts for d in p.evaluation))
+        return corpora[name] if name in corpora else original(name, calibration_fraction)
+
+    data.load_corpus = load
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--ratio", type=float, default=0.2, help="share of ALL parameters")
+    parser.add_argument("--windows", type=int, default=4, help="validation windows per corpus")
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "select_default.json")
+    parser.add_argument("--list", action="store_true")
+    args = parser.parse_args(argv)
+    if args.list:
+        print("\n".join(f"{k}: fit {v[0]}, {v[1]}" for k, v in VARIANTS.items()))
+        return {}
+    set_threads(args.threads)
+    corpora = held_out_corpora()
+    install(corpora)
+    model, tokenizer = load_model("demo")
+    windows = {name: data.evaluation_windows(tokenizer, corpus, args.seq_len, args.windows)
+               for name, corpus in corpora.items()}
+    previous = read_json(args.out) or {}
+    out = header(None if argv is None else ["benchmarks/select_default.py", *argv])
+    out["settings"] = {"ratio": args.ratio, "fit_fraction": FIT_FRACTION,
+                       "windows": {n: list(w.shape) for n, w in windows.items()},
+                       "base": BASE.to_dict()}
+    same = previous.get("settings") == out["settings"]
+    out["dense"] = previous["dense"] if same else {
+        n: perplexity(model, w, corpus=n).value for n, w in windows.items()}
+    out["results"] = previous.get("results", {}) if same else {}
+    log("dense: " + ", ".join(f"{n} {v:.2f}" for n, v in out["dense"].items()))
+    for name in args.variants.split(","):
+        if name in out["results"]:
+            continue
+        fit, changes = VARIANTS[name]
+        config = BASE.with_(pruning_ratio=args.ratio, calibration_dataset=fit, eval_datasets=(),
+                            **changes)
+        with Timer() as clock:
+            result = run_pipeline(config, model, tokenizer, copy_model=True, evaluate=False)
+        ratios = {n: perplexity(result.model, w, corpus=n).value / out["dense"][n]
+                  for n, w in windows.items()}
+        entry = {"fit": fit, "changes": changes, "params": count_parameters(result.model),
+                 "prune_s": round(clock.seconds, 1),
+                 "ratio": {n: round(r, 4) for n, r in ratios.items()},
+                 "geo_mean": round(math.exp(sum(map(math.log, ratios.values())) / len(ratios)), 4)}
+        out["results"][name] = entry
+        write_json(args.out, out)
+        log(f"{name}: " + ", ".join(f"{n} x{r:.3f}" for n, r in entry["ratio"].items())
+            + f"; geo-mean {entry['geo_mean']:.3f}; {entry['prune_s']} s")
+        del result
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    write_json(args.out, out)
+    return out
+
+
+if __name__ == "__main__":
+    main()
