@@ -144,14 +144,49 @@ def demo_model_dir() -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
     try:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
+        _save_converted(model, tokenizer, staging)
         os.replace(staging, target)  # atomic: a crash never leaves a half-written model
     except OSError:
         shutil.rmtree(staging, ignore_errors=True)
         if not (target / "config.json").is_file():  # lost no race: a real failure
             raise
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return target
+
+
+def _save_converted(model, tokenizer, directory: Path) -> None:
+    """Write a dequantized GGUF model as a plain safetensors checkpoint into ``directory``.
+
+    Not ``model.save_pretrained``: newer transformers (5.17) keep a GGUF quantizer on a model
+    loaded with ``gguf_file=`` and refuse to serialize it, although its weights are ordinary
+    dequantized tensors. The weights are written as ``save_pretrained`` would: a tensor shared by
+    several names (the tied lm_head / embed_tokens) is stored once, under its first name, and
+    ``from_pretrained`` re-ties it. The config loses its GGUF ``quantization_config`` so that the
+    directory loads as a plain model.
+    """
+    import copy
+
+    from safetensors.torch import save_file
+
+    tensors, seen = {}, set()
+    for name, tensor in model.state_dict().items():
+        key = (tensor.device, tensor.data_ptr(), tuple(tensor.shape), tensor.stride())
+        if tensor.numel() and key in seen:
+            continue
+        seen.add(key)
+        tensors[name] = tensor.detach().to("cpu").contiguous()
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+
+    config = copy.deepcopy(model.config)
+    if "quantization_config" in vars(config):
+        delattr(config, "quantization_config")
+    config.architectures = [type(model).__name__]
+    config.save_pretrained(directory)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
 
 
 def _portable_tokenizer(tokenizer, config):

@@ -78,6 +78,49 @@ def test_dtype_defaults():
         pick_dtype(torch.device("cpu"), "int3")
 
 
+def test_converted_checkpoint_is_plain_and_tied(make_tiny, tiny_tokenizer, tmp_path):
+    """The demo conversion writes weights itself: newer transformers refuse save_pretrained on a
+    GGUF-loaded model (it keeps a GGUF quantization_config), which the written config drops."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from gqaprune_core.models import _save_converted
+
+    model = make_tiny(tie_embeddings=True).eval()
+    model.config.quantization_config = {"quant_method": "gguf", "gguf_file": "x.gguf"}
+    _save_converted(model, tiny_tokenizer, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert "quantization_config" not in config
+    assert config["architectures"] == [type(model).__name__]
+    with safe_open(tmp_path / "model.safetensors", "pt") as weights:
+        assert "model.embed_tokens.weight" in weights.keys()
+        assert "lm_head.weight" not in weights.keys()  # the tied copy is stored once
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_failed_demo_conversion_leaves_nothing(make_tiny, tiny_tokenizer, tmp_path, monkeypatch):
+    from gqaprune_core import models
+
+    def broken(model, tokenizer, directory):
+        (directory / "config.json").write_text("{}")
+        raise ValueError("not serializable")
+
+    monkeypatch.setenv("GQAPRUNE_CACHE", str(tmp_path))
+    monkeypatch.setattr(models, "demo_gguf_path", lambda: tmp_path / "demo.gguf")
+    monkeypatch.setattr(models, "_load_gguf", lambda path, dtype: (make_tiny(), tiny_tokenizer))
+    monkeypatch.setattr(models, "_portable_tokenizer", lambda tokenizer, config: tokenizer)
+    monkeypatch.setattr(models, "_save_converted", broken)
+    with pytest.raises(ValueError, match="not serializable"):
+        models.demo_model_dir()
+    assert list((tmp_path / "models").iterdir()) == []  # no staging left, no half-written model
+
+
 @pytest.mark.demo
 def test_demo_model_layout_and_generation(demo):
     model, tokenizer = demo
