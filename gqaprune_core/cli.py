@@ -33,8 +33,9 @@ from datetime import datetime
 from typing import Any
 
 from gqaprune_core import outputs
-from gqaprune_core.config import (GROUP_ROUNDINGS, IMPORTANCE_METHODS, MODES, PRESETS, STRATEGIES,
-                                  UNIT_METHODS, PruneConfig)
+from gqaprune_core.config import (GROUP_ROUNDINGS, IMPORTANCE_METHODS, MODES, PRESETS,
+                                  RECOVERY_DEFAULT_LR, RECOVERY_METHODS, STRATEGIES, UNIT_METHODS,
+                                  PruneConfig)
 
 DEFAULT_PRESET = "original"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -42,10 +43,11 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 CONFIG_FLAGS = (
     "base_model", "pruning_ratio", "ratio_of", "importance_method", "pruning_strategy", "alpha",
     "min_pruning_rate", "max_pruning_rate", "layer_start", "layer_end", "importance_samples",
-    "importance_seq_len", "num_examples", "seq_len", "prune_mlp", "prune_attention", "group_rounding", "mode",
-    "unit_importance", "compensate", "refit_ridge",
+    "importance_seq_len", "num_examples", "seq_len", "prune_mlp", "prune_attention",
+    "group_rounding", "mode", "unit_importance", "compensate", "refit_ridge",
     "calibration_dataset", "eval_datasets", "eval_seq_len", "max_eval_windows", "seed", "device",
-    "dtype",
+    "dtype", "recovery", "recovery_steps", "recovery_time_s", "recovery_lr", "recovery_batch_size",
+    "recovery_seq_len", "recovery_samples",
 )
 
 
@@ -161,7 +163,7 @@ def _add_importance_flags(parser: argparse.ArgumentParser, d: PruneConfig) -> No
 def _add_data_flags(parser: argparse.ArgumentParser, d: PruneConfig) -> None:
     group = parser.add_argument_group("data and evaluation")
     group.add_argument("--calibration_dataset", metavar="CORPUS", help=(
-        "corpus for calibration: demo, pydoc, wikitext2, ptb, c4, a .txt file or 'a+b' "
+        "corpus for calibration: demo, pydoc, wiki, wikitext2, ptb, c4, a .txt file or 'a+b' "
         f"(default: {d.calibration_dataset})"))
     group.add_argument("--test_after_prune", action="store_true", help=(
         "measure perplexity before and after pruning on --eval_datasets (without it, none)"))
@@ -171,6 +173,33 @@ def _add_data_flags(parser: argparse.ArgumentParser, d: PruneConfig) -> None:
         f"tokens per evaluation window (default: {d.eval_seq_len})"))
     group.add_argument("--max_eval_windows", type=_eval_windows, metavar="N|all", help=(
         f"evaluation windows per corpus at most (default: {d.max_eval_windows or 'all'})"))
+
+
+def _add_recovery_flags(parser: argparse.ArgumentParser, d: PruneConfig) -> None:
+    group = parser.add_argument_group(
+        "recovery (optional): distillation from the dense model after pruning")
+    lrs = ", ".join(f"{lr:g} for {method}" for method, lr in RECOVERY_DEFAULT_LR.items())
+    group.add_argument("--recovery", choices=RECOVERY_METHODS, help=(
+        "after pruning, train the pruned model toward the dense one (KL divergence of their "
+        "next-token distributions) on calibration text: 'lora' trains LoRA adapters and merges "
+        "them (same shapes, no extra parameters), 'full' trains every decoder-layer weight; "
+        "perplexity is reported after pruning and after recovery, with its cost (default: "
+        f"{d.recovery})"))
+    group.add_argument("--recovery_steps", type=int, help=(
+        f"optimiser steps at most (default: {d.recovery_steps})"))
+    group.add_argument("--recovery_time_s", type=float, help=(
+        "time budget in seconds; checked before every step, so recovery ends at the steps or "
+        f"the budget, whichever comes first (CPU: ~30 s per step on the demo model) (default: "
+        f"{d.recovery_time_s:g})"))
+    group.add_argument("--recovery_lr", type=float, help=(
+        f"AdamW learning rate (default: {lrs})"))
+    group.add_argument("--recovery_batch_size", type=int, help=(
+        f"windows per step (default: {d.recovery_batch_size})"))
+    group.add_argument("--recovery_seq_len", type=int, help=(
+        f"tokens per window (default: {d.recovery_seq_len})"))
+    group.add_argument("--recovery_samples", type=int, help=(
+        "calibration windows to cycle through, drawn apart from the pruning's (default: "
+        f"{d.recovery_samples})"))
 
 
 def _add_output_flags(parser: argparse.ArgumentParser) -> None:
@@ -199,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pruning_flags(parser, defaults)
     _add_importance_flags(parser, defaults)
     _add_data_flags(parser, defaults)
+    _add_recovery_flags(parser, defaults)
     _add_output_flags(parser)
     return parser
 
@@ -243,6 +273,14 @@ def _check_flags(args: argparse.Namespace) -> None:
     if args.skip_importance_analysis and not args.importance_config:
         raise ValueError("--skip_importance_analysis needs --importance_config PATH (the "
                          "layer_importance_config.json of an earlier run)")
+
+
+def _check_recovery(config: PruneConfig) -> None:
+    import importlib.util
+
+    if config.recovery == "lora" and importlib.util.find_spec("peft") is None:
+        raise ValueError("--recovery lora needs the peft package: pip install peft (or use "
+                         "--recovery full)")
 
 
 def _check_device(device: str) -> None:
@@ -308,6 +346,7 @@ def prepare(args: argparse.Namespace, config: PruneConfig) -> Prepared:
     from gqaprune_core.schedule import unit_costs
 
     _check_flags(args)
+    _check_recovery(config)
     _check_device(config.device)
     importance = (load_importance_config(args.importance_config)
                   if args.importance_config else None)
@@ -433,11 +472,29 @@ def _log_results(log, report: dict, result) -> None:
                  row["layer"], row["rate"], row["kv_heads_before"], row["kv_heads"],
                  row["q_heads_before"], row["q_heads"], row["mlp_before"], row["mlp"],
                  extra=outputs.FILE_ONLY)
+    recovery = report.get("recovery")
+    if recovery:
+        _log_recovery(log, recovery)
     if not result.allocation.budget_met:
         log.warning("the parameter budget was missed by more than 0.5%% of the prunable "
                     "parameters (requested %.4f, achieved %.4f): whole GQA groups are coarse; "
                     "--prune_mlp lets MLP channels take up the rest",
                     result.allocation.ratio_requested, result.allocation.ratio_achieved)
+
+
+def _log_recovery(log, recovery: dict) -> None:
+    losses = ("" if recovery["loss_first"] is None else
+              f", distillation loss {recovery['loss_first']:.4f} -> {recovery['loss_last']:.4f}")
+    log.info("recovery (%s, lr %g): %d of %d steps in %.1f s (stopped by %s), %d tokens, "
+             "%s trainable parameters%s", recovery["method"], recovery["lr"],
+             recovery["steps_done"], recovery["steps_requested"], recovery["seconds"],
+             recovery["stopped_by"], recovery["tokens_seen"], f"{recovery['trainable_params']:,}",
+             losses)
+    for corpus, value in recovery["ppl_after_pruning"].items():
+        after = recovery["ppl_after_recovery"].get(corpus)
+        if after is not None:
+            log.info("perplexity %s: %.3f after pruning -> %.3f after recovery (%+.1f%%)",
+                     corpus, value, after, 100 * (after / value - 1))
 
 
 def _run(args: argparse.Namespace, argv: Sequence[str], prep: Prepared,

@@ -16,12 +16,17 @@ Mode = Literal["sequential", "one-shot"]
 UnitImportance = Literal["taylor", "magnitude", "activation", "random", "naive-heads"]
 RatioOf = Literal["prunable", "total"]
 GroupRounding = Literal["across", "per_layer"]
+Recovery = Literal["none", "lora", "full"]
 
 IMPORTANCE_METHODS = ("removal", "activation", "block_influence")
 STRATEGIES = ("inverse", "proportional", "uniform")
 MODES = ("sequential", "one-shot")
 UNIT_METHODS = ("taylor", "magnitude", "activation", "random", "naive-heads")
 GROUP_ROUNDINGS = ("across", "per_layer")
+RECOVERY_METHODS = ("none", "lora", "full")
+# Learning rates of recovery when none is given: LoRA's adapters start at zero and need a larger
+# step than full fine-tuning, which moves weights that are mostly right already.
+RECOVERY_DEFAULT_LR = {"lora": 2e-4, "full": 2e-5}
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,18 @@ class PruneConfig:
     eval_datasets: tuple[str, ...] = ("demo", "pydoc")
     eval_seq_len: int = 512
     max_eval_windows: int | None = 24
+    # Optional recovery after pruning (gqaprune_core.recovery): distillation from the dense
+    # model by LoRA (merged back) or by training every decoder-layer weight, on windows of the
+    # calibration corpus other than the pruning's. Stops after recovery_steps steps or
+    # recovery_time_s seconds, whichever comes first (CPU: ~30 s per step of 4 x 256 tokens on
+    # the demo model, one thread). recovery_lr None: the method's RECOVERY_DEFAULT_LR.
+    recovery: Recovery = "none"
+    recovery_steps: int = 100
+    recovery_time_s: float = 600.0
+    recovery_lr: float | None = None
+    recovery_batch_size: int = 4
+    recovery_seq_len: int = 256
+    recovery_samples: int = 256
     seed: int = 0
     device: str = "auto"
     dtype: str | None = None
@@ -64,7 +81,7 @@ class PruneConfig:
     def __post_init__(self) -> None:
         choices = {"importance_method": IMPORTANCE_METHODS, "pruning_strategy": STRATEGIES,
                    "mode": MODES, "unit_importance": UNIT_METHODS, "ratio_of": ("prunable", "total"),
-                   "group_rounding": GROUP_ROUNDINGS}
+                   "group_rounding": GROUP_ROUNDINGS, "recovery": RECOVERY_METHODS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}; choose one of {', '.join(allowed)}")
@@ -83,10 +100,23 @@ class PruneConfig:
                 raise ValueError(f"{name}={getattr(self, name)} is too small")
         if self.layer_start < 0 or (self.layer_end is not None and self.layer_end <= self.layer_start):
             raise ValueError(f"layer range [{self.layer_start}, {self.layer_end}) is empty or negative")
+        self._check_recovery()
         if not (self.prune_attention or self.prune_mlp):
             raise ValueError("nothing to prune: both prune_attention and prune_mlp are off")
         if isinstance(self.eval_datasets, list):
             object.__setattr__(self, "eval_datasets", tuple(self.eval_datasets))
+
+    def _check_recovery(self) -> None:
+        for name in ("recovery_steps", "recovery_time_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+        if self.recovery_lr is not None and not self.recovery_lr > 0:
+            raise ValueError(f"recovery_lr={self.recovery_lr} must be > 0")
+        for name in ("recovery_batch_size", "recovery_samples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.recovery_seq_len < 2:
+            raise ValueError(f"recovery_seq_len={self.recovery_seq_len} must be >= 2")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -185,23 +185,38 @@ def _percent(value: float | None) -> str:
 
 
 def summary_table(report: Mapping) -> str:
-    """A short table: parameters and perplexity before/after, achieved ratios."""
-    rows = [("", "before", "after"),
-            ("parameters", f"{report['params_before']:,}", f"{report['params_after']:,}"),
+    """A short table: parameters and perplexity before/after, achieved ratios.
+
+    With recovery, "after" splits into "after pruning" and "after recovery" (the final model),
+    followed by a line on what recovery cost.
+    """
+    recovery = report.get("recovery")
+    pruned = report.get("ppl_after_pruning", {}) if recovery else {}
+    rows = [("", "before", *(("after pruning", "after recovery") if recovery else ("after",))),
+            ("parameters", f"{report['params_before']:,}",
+             *([""] if recovery else []), f"{report['params_after']:,}"),
             (f"removed of prunable (requested {_percent(report['ratio_requested'])}"
              f" of {report.get('ratio_of', 'prunable')})", "",
-             _percent(report["ratio_achieved_prunable"])),
-            ("removed of all parameters", "", _percent(report["ratio_achieved_total"]))]
+             *([""] if recovery else []), _percent(report["ratio_achieved_prunable"])),
+            ("removed of all parameters", "", *([""] if recovery else []),
+             _percent(report["ratio_achieved_total"]))]
     before, after = report.get("ppl_before", {}), report.get("ppl_after", {})
     for corpus in dict.fromkeys([*before, *after]):
+        cells = [before, *([pruned] if recovery else []), after]
         rows.append((f"perplexity {corpus}",
-                     f"{before[corpus]['value']:.3f}" if corpus in before else "",
-                     f"{after[corpus]['value']:.3f}" if corpus in after else ""))
+                     *(f"{part[corpus]['value']:.3f}" if corpus in part else "" for part in cells)))
     if not before and not after:
-        rows.append(("perplexity", "not measured", "(--test_after_prune)"))
-    width = [max(len(row[i]) for row in rows) for i in range(3)]
-    return "\n".join(f"{a:<{width[0]}}  {b:>{width[1]}}  {c:>{width[2]}}".rstrip()
-                     for a, b, c in rows)
+        rows.append(("perplexity", "not measured", *([""] if recovery else []),
+                     "(--test_after_prune)"))
+    width = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join([f"{row[0]:<{width[0]}}",
+                        *(f"{cell:>{w}}" for cell, w in zip(row[1:], width[1:]))]).rstrip()
+             for row in rows]
+    if recovery:
+        lines.append(f"recovery: {recovery['method']}, {recovery['steps_done']} of "
+                     f"{recovery['steps_requested']} steps in {recovery['seconds']:.1f} s "
+                     f"(stopped by {recovery['stopped_by']}), {recovery['tokens_seen']:,} tokens")
+    return "\n".join(lines)
 
 
 def plot_strategy(path: Path, scores: Sequence[float], rates: Sequence[float], *,

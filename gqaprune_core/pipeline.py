@@ -1,7 +1,11 @@
 """Run the stages in order with progress callbacks and return a report; used by the CLI and app.
 
     load → calibration → layer importance → rates → whole units → evaluate before
-         → score units and cut → evaluate after → report
+         → score units and cut → evaluate after → [recover → evaluate recovered] → report
+
+The optional recovery stage (``config.recovery``) distils the dense model into the pruned one
+(see :mod:`gqaprune_core.recovery`); it is reported apart from the pruning: ``ppl_after`` is
+always the final model's, ``ppl_after_pruning`` the pruned model's before recovery.
 """
 
 from __future__ import annotations
@@ -23,10 +27,12 @@ from gqaprune_core.layer_importance import LayerImportance, layer_importance, lo
 from gqaprune_core.models import count_parameters, layout, load_model
 from gqaprune_core.plan import PruningPlan
 from gqaprune_core.pruner import prune_model_
+from gqaprune_core.recovery import RecoveryReport, recover_
 from gqaprune_core.schedule import (UnitAllocation, UnitCost, allocate_units, layer_rates,
                                     unit_costs)
 
-# (stage, done, total); stages: load, importance, evaluate_before, prune, evaluate_after
+# (stage, done, total); stages: load, importance, evaluate_before, prune, evaluate_after and,
+# with recovery, recover and evaluate_recovered
 Progress = Callable[[str, int, int], None]
 
 
@@ -42,7 +48,10 @@ class PipelineResult:
     allocation: UnitAllocation
     report: dict
     ppl_before: list[PerplexityResult] = field(default_factory=list)
-    ppl_after: list[PerplexityResult] = field(default_factory=list)
+    ppl_after: list[PerplexityResult] = field(default_factory=list)  # the final model's
+    # the pruned model's before any recovery (without recovery: the same as ``ppl_after``)
+    ppl_after_pruning: list[PerplexityResult] = field(default_factory=list)
+    recovery: RecoveryReport | None = None
 
 
 def prunable_parts(config: PruneConfig, costs: list[UnitCost]) -> list[int]:
@@ -106,15 +115,25 @@ def run_pipeline(config: PruneConfig, model: nn.Module | None = None, tokenizer=
         model, tokenizer: an already loaded model; with ``copy_model`` (default) it is copied
             first, so a shared model (e.g. the app's cached one) is never cut in place.
         importance / importance_config: layer scores to reuse instead of computing them.
-        evaluate: measure perplexity before and after on ``config.eval_datasets``.
+        evaluate: measure perplexity before and after on ``config.eval_datasets`` (and, with
+            recovery, again after it).
+
+    With ``config.recovery`` the dense model is kept as the teacher until recovery ends: the
+    caller's model when it is copied anyway, else a copy taken before cutting (one more model
+    in memory for the duration).
     """
     report_progress = progress or (lambda stage, done, total: None)
     timings: dict[str, float] = {}
+    teacher = None
     with _timed(timings, "load"):
         if model is None:
             model, tokenizer = load_model(config.base_model, config.device, config.dtype)
         elif copy_model:
+            if config.recovery != "none":
+                teacher = model  # the caller's model stays dense: it only needs reading
             model = copy.deepcopy(model)
+        if config.recovery != "none" and teacher is None:
+            teacher = copy.deepcopy(model)  # before anything is cut
     torch.manual_seed(config.seed)
     params_before = count_parameters(model)
     shapes_before = layout(model)
@@ -141,10 +160,17 @@ def run_pipeline(config: PruneConfig, model: nn.Module | None = None, tokenizer=
                       lambda d, t: report_progress("prune", d, t))
     ppl_after = _evaluate(config, model, tokenizer, evaluate, timings, "evaluate_after",
                           report_progress)
+    ppl_after_pruning, recovery = ppl_after, None
+    if config.recovery != "none":
+        recovery = _recover(config, model, teacher, tokenizer, timings, report_progress)
+        del teacher  # the dense copy is no longer needed (the caller's model stays theirs)
+        ppl_after = _evaluate(config, model, tokenizer, evaluate, timings, "evaluate_recovered",
+                              report_progress)
     report = build_report(config, model, params_before, plan, rates, allocation, ppl_before,
-                          ppl_after, timings)
+                          ppl_after, timings, ppl_after_pruning=ppl_after_pruning,
+                          recovery=recovery)
     return PipelineResult(model, tokenizer, plan, importance, rates, allocation, report,
-                          ppl_before, ppl_after)
+                          ppl_before, ppl_after, ppl_after_pruning, recovery)
 
 
 def _prune(config: PruneConfig, model: nn.Module, calibration: torch.Tensor,
@@ -160,6 +186,23 @@ def _prune(config: PruneConfig, model: nn.Module, calibration: torch.Tensor,
                                   config.refit_ridge, base_plan=plan, progress=progress)
 
 
+def _recover(config: PruneConfig, model: nn.Module, teacher: nn.Module, tokenizer,
+             timings: dict, progress: Progress) -> RecoveryReport:
+    """Distil ``teacher`` into the pruned ``model`` on calibration windows other than the
+    pruning's (seed + 1), within the configured steps and time."""
+    with _timed(timings, "recover"):
+        tokens = calibration_batch(tokenizer, config.calibration_dataset, config.recovery_samples,
+                                   config.recovery_seq_len, config.seed + 1)
+        report = recover_(model, teacher, tokens, method=config.recovery,
+                          steps=config.recovery_steps, lr=config.recovery_lr,
+                          batch_size=config.recovery_batch_size,
+                          time_budget_s=config.recovery_time_s, seed=config.seed,
+                          progress=lambda d, t: progress("recover", d, t))
+    if next(model.parameters()).is_cuda:
+        torch.cuda.empty_cache()  # the optimiser state and activations are gone; give them back
+    return report
+
+
 def _evaluate(config, model, tokenizer, enabled, timings, stage, progress):
     if not enabled or not config.eval_datasets:
         return []
@@ -171,8 +214,16 @@ def _evaluate(config, model, tokenizer, enabled, timings, stage, progress):
 
 def build_report(config: PruneConfig, model: nn.Module, params_before: int, plan: PruningPlan,
                  rates: list[float], allocation: UnitAllocation, ppl_before, ppl_after,
-                 timings: dict) -> dict:
-    """The ``report.json`` contents (see the CLI's documentation)."""
+                 timings: dict, *, ppl_after_pruning=None,
+                 recovery: RecoveryReport | None = None) -> dict:
+    """The ``report.json`` contents (see the CLI's documentation).
+
+    ``ppl_after`` is the final model's perplexity, ``ppl_after_pruning`` the pruned model's
+    before recovery (without recovery the same; None: take ``ppl_after``). ``recovery``: what
+    recovery did, what it cost and both perplexities by corpus (values only); None without it.
+    """
+    if ppl_after_pruning is None:
+        ppl_after_pruning = ppl_after
     params_after = count_parameters(model)
     shapes_after = layout(model)
     layers = [{"layer": lp.layer, "rate": round(rate, 6), "q_heads_before": lp.q_heads_before,
@@ -190,6 +241,11 @@ def build_report(config: PruneConfig, model: nn.Module, params_before: int, plan
         "params_prunable": allocation.params_prunable,
         "ppl_before": {r.corpus: r.to_dict() for r in ppl_before},
         "ppl_after": {r.corpus: r.to_dict() for r in ppl_after},
+        "ppl_after_pruning": {r.corpus: r.to_dict() for r in ppl_after_pruning},
+        "recovery": None if recovery is None else {
+            **recovery.to_dict(),
+            "ppl_after_pruning": {r.corpus: r.value for r in ppl_after_pruning},
+            "ppl_after_recovery": {r.corpus: r.value for r in ppl_after}},
         "timings_s": timings,
         "config": config.to_dict(),
         "layers": layers,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from gqaprune_core import app_support as support
-from gqaprune_core.config import MODES, PRESETS, UNIT_METHODS, PruneConfig
+from gqaprune_core.config import MODES, PRESETS, RECOVERY_METHODS, UNIT_METHODS, PruneConfig
 from pages import _charts, _ui
 
 KEEP_MODELS = 3  # pruned models kept in memory (for Export); older runs keep their report only
@@ -13,6 +13,8 @@ UNIT_HELP = {"taylor": "taylor: |weight × gradient| (default)", "magnitude": "m
              "activation": "activation: |weight| × input norm (Wanda-style)",
              "random": "random: a baseline that knows nothing",
              "naive-heads": "naive-heads: the anti-example that scrambles GQA (see GQA structure)"}
+RECOVERY_HELP = {"none": "none (default)", "lora": "LoRA, merged back",
+                 "full": "full fine-tuning of the decoder layers"}
 
 _ui.page_setup("Prune & evaluate")
 st.title("Prune & evaluate")
@@ -80,6 +82,19 @@ def run_settings() -> tuple[PruneConfig, str, int] | None:
                                   key="run_prompt", help="Generated before and after pruning; "
                                                          "empty: no generation.")
             tokens = c.number_input("New tokens", 0, 256, d["max_new_tokens"], key="run_tokens")
+        with st.expander("Recovery (optional)"):
+            a, b, c = st.columns(3)
+            recovery = a.selectbox("Method", RECOVERY_METHODS, format_func=RECOVERY_HELP.get,
+                                   key="run_recovery", help=(
+                                       "After pruning, train the pruned model toward the dense "
+                                       "one (distillation) on calibration text; perplexity is "
+                                       "shown after pruning and after recovery."))
+            steps = b.number_input("Steps at most", 0, 10_000, d["recovery_steps"],
+                                   key="run_recovery_steps")
+            budget = c.number_input("Time budget (s)", 0, 24 * 3600, d["recovery_time_s"],
+                                    step=30, key="run_recovery_time",
+                                    help="Recovery stops at the steps or the budget, whichever "
+                                         "comes first. A CPU step takes seconds to a minute.")
         start = st.form_submit_button("Prune a copy of the model", type="primary",
                                       disabled=_ui.job_running("prune"))
     if not start:
@@ -97,7 +112,10 @@ def run_settings() -> tuple[PruneConfig, str, int] | None:
                               unit_importance=unit, mode=mode, num_examples=int(examples),
                               seq_len=int(seq_len), eval_datasets=tuple(corpora),
                               eval_seq_len=int(eval_len), max_eval_windows=int(windows),
-                              **settings)
+                              recovery=recovery, recovery_steps=int(steps),
+                              recovery_time_s=float(budget),
+                              recovery_seq_len=d["recovery_seq_len"],
+                              recovery_samples=d["recovery_samples"], **settings)
     except ValueError as err:
         st.warning(f"These settings cannot be run: {err}")
         return None
@@ -149,16 +167,33 @@ def show_run(run: support.PruneRun) -> None:
             "perplexity after": st.column_config.NumberColumn(format="%.3f"),
             "delta": st.column_config.NumberColumn(format="%+.3f"),
             "delta %": st.column_config.NumberColumn(format="%+.1f %%")})
+    show_recovery(run)
     if run.prompt:
         st.markdown(f"**Greedy generation** from “{run.prompt}”")
         before, after = st.columns(2)
+        after_title = "after pruning" + (" and recovery" if run.config.recovery != "none" else "")
         for column, title, text in ((before, "before pruning", run.text_before),
-                                    (after, "after pruning", run.text_after)):
+                                    (after, after_title, run.text_after)):
             column.caption(title)
             column.code(run.prompt + text, language=None, wrap_lines=True)
     stages = " · ".join(f"{name.replace('_', ' ')} {seconds:.1f} s"
                         for name, seconds in report["timings_s"].items() if seconds >= 0.05)
     st.caption(f"{run.label}: {run.seconds:.1f} s in all ({stages})")
+
+
+def show_recovery(run: support.PruneRun) -> None:
+    cost = support.recovery_cost(run.report)
+    if not cost:
+        return
+    st.markdown("**Recovery** (perplexity, lower is better; the metrics above are after "
+                "recovery)")
+    table = support.recovery_table(run.report)
+    if not table.empty:
+        number = st.column_config.NumberColumn(format="%.3f")
+        st.dataframe(table, hide_index=True, key=f"recovery_{run.number}", column_config={
+            "before pruning": number, "after pruning": number, "after recovery": number,
+            "won back %": st.column_config.NumberColumn(format="%.1f %%")})
+    st.caption(f"Recovery cost: {cost}")
 
 
 describe_settings()

@@ -91,6 +91,14 @@ def test_flag_conversions():
     assert parse("--max_eval_windows", "5", "--dtype", "bfloat16").max_eval_windows == 5
 
 
+def test_recovery_flags():
+    assert parse().recovery == "none"
+    config = parse("--recovery", "lora", "--recovery_steps", "5", "--recovery_time_s", "30",
+                   "--recovery_lr", "1e-3", "--recovery_seq_len", "64")
+    assert (config.recovery, config.recovery_steps, config.recovery_time_s) == ("lora", 5, 30.0)
+    assert (config.recovery_lr, config.recovery_seq_len) == (1e-3, 64)
+
+
 # ---- a full run --------------------------------------------------------------------------------
 
 def test_run_writes_every_output(tiny_run):
@@ -211,6 +219,19 @@ def test_failure_mid_run_leaves_failed_txt_not_a_report(tmp_path, monkeypatch, c
     assert cli.main([*argv, "--overwrite"]) == 0
     assert (run_dir / outputs.REPORT_NAME).exists()
     assert not (run_dir / outputs.FAILED_NAME).exists()
+
+
+def test_recovery_run_logs_and_reports_both_perplexities(tmp_path, capsys):
+    run = cli.execute([*FAST, "--prune_mlp", "--test_after_prune", "--eval_datasets", "demo",
+                       "--recovery", "full", "--recovery_steps", "2", "--recovery_seq_len", "32",
+                       "--recovery_samples", "4", "--output_dir", str(tmp_path),
+                       "--save_ckpt_log_name", "recover"])
+    report = json.loads(run.paths.report.read_text())
+    assert report["recovery"]["steps_done"] == 2 and "recover" in report["timings_s"]
+    assert set(report["ppl_after_pruning"]) == set(report["ppl_after"]) == {"demo"}
+    log = next(run.paths.root.glob("*/training.log")).read_text()
+    assert "recovery (full" in log and "after pruning ->" in log and "after recovery" in log
+    assert "after recovery" in capsys.readouterr().out  # the summary table
 
 
 def test_summary_table_lists_before_and_after():
