@@ -35,7 +35,9 @@ def home() -> None:
         "1. **Model** loads a model (the SmolLM2-135M demo by default) and shows its layout.\n"
         "2. **GQA structure** shows why heads must go in groups; **Layer importance** scores "
         "every layer.\n"
-        "3. **Rate tuning** turns scores into per-layer rates: move the sliders, watch the plan.\n"
+        "3. **Rate tuning** turns scores into per-layer rates, starting from gqaprune's "
+        "recommended **default** preset (the **original** one is a click away): move the "
+        "sliders, watch the plan and how much attention and MLP each give.\n"
         "4. **Prune & evaluate** cuts a copy of the model and measures perplexity; **Export** "
         "saves it.")
     st.subheader("Pages")

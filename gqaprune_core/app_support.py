@@ -34,9 +34,12 @@ from gqaprune_core.config import STRATEGIES, PruneConfig
 from gqaprune_core.geometry import kv_head_of
 from gqaprune_core.layer_importance import LayerImportance
 from gqaprune_core.models import LayerLayout, count_parameters, layout
-from gqaprune_core.schedule import UnitAllocation, unit_costs
+from gqaprune_core.schedule import UnitAllocation, UnitCost, unit_costs
 
 SHARED_MODEL_LOCK = threading.RLock()
+# The preset a new session starts from: gqaprune's recommended settings (config.DEFAULT);
+# "original" (the original project's algorithm) stays one click away on Rate tuning.
+START_PRESET = "default"
 
 
 def default_source() -> str:
@@ -210,6 +213,91 @@ def taylor_head_scores(model: nn.Module, tokenizer, corpus: str = "demo", sample
 # ---- layer importance and rates ---------------------------------------------------------------
 
 @dataclass(frozen=True)
+class BudgetSplit:
+    """Where the removed parameters come from, per layer (L entries each): attention, as whole
+    GQA groups, and the MLP, as channels. Parameters counted with :func:`unit_costs`."""
+
+    groups_removed: tuple[int, ...]
+    channels_removed: tuple[int, ...]
+    attention: tuple[int, ...]  # parameters removed with the groups
+    mlp: tuple[int, ...]  # parameters removed with the channels
+
+    @property
+    def attention_total(self) -> int:
+        return sum(self.attention)
+
+    @property
+    def mlp_total(self) -> int:
+        return sum(self.mlp)
+
+    @property
+    def total(self) -> int:
+        return self.attention_total + self.mlp_total
+
+    @property
+    def attention_share(self) -> float:
+        """Attention's fraction of the removed parameters (0.0 when nothing is removed)."""
+        return self.attention_total / self.total if self.total else 0.0
+
+    @property
+    def mlp_share(self) -> float:
+        return self.mlp_total / self.total if self.total else 0.0
+
+    def summary(self) -> str:
+        """One line: count and share of the removed parameters from each part."""
+        if not self.total:
+            return "Nothing removed."
+        groups, channels = sum(self.groups_removed), sum(self.channels_removed)
+        return (f"Of the {self.total:,} parameters removed, attention gives "
+                f"{self.attention_total:,} ({self.attention_share:.1%}: {groups} GQA "
+                f"group{'s' * (groups != 1)}) and the MLP {self.mlp_total:,} "
+                f"({self.mlp_share:.1%}: {channels:,} channel{'s' * (channels != 1)}).")
+
+    def table(self) -> pd.DataFrame:
+        rows = [{"layer": layer, "GQA groups removed": g, "attention params removed": a,
+                 "MLP channels removed": m, "MLP params removed": p}
+                for layer, (g, m, a, p) in enumerate(zip(self.groups_removed,
+                                                         self.channels_removed, self.attention,
+                                                         self.mlp))]
+        return pd.DataFrame(rows)
+
+
+def budget_split(costs: Sequence[UnitCost], groups_removed: Sequence[int],
+                 channels_removed: Sequence[int]) -> BudgetSplit:
+    """The split of removed parameters for per-layer counts of removed groups and channels.
+
+    Raises:
+        ValueError: the three sequences differ in length or a count is negative.
+    """
+    if not len(costs) == len(groups_removed) == len(channels_removed):
+        raise ValueError(f"need one cost and two counts per layer: {len(costs)} costs, "
+                         f"{len(groups_removed)} group counts, {len(channels_removed)} channel "
+                         "counts")
+    if min([*groups_removed, *channels_removed], default=0) < 0:
+        raise ValueError(f"removed counts must be >= 0: groups {list(groups_removed)}, "
+                         f"channels {list(channels_removed)}")
+    return BudgetSplit(tuple(int(g) for g in groups_removed),
+                       tuple(int(m) for m in channels_removed),
+                       tuple(int(g) * c.group for g, c in zip(groups_removed, costs)),
+                       tuple(int(m) * c.channel for m, c in zip(channels_removed, costs)))
+
+
+def allocation_split(shapes: Sequence[LayerLayout], costs: Sequence[UnitCost],
+                     allocation: UnitAllocation) -> BudgetSplit:
+    """The split of a planned :class:`UnitAllocation`; its total is ``params_removed``."""
+    return budget_split(costs, [s.kv_heads - g for s, g in zip(shapes, allocation.groups_to_keep)],
+                        [s.mlp_width - m for s, m in zip(shapes, allocation.channels_to_keep)])
+
+
+def plan_split(plan, costs: Sequence[UnitCost]) -> BudgetSplit:
+    """The split of a :class:`~gqaprune_core.plan.PruningPlan`, with ``costs`` the unit costs
+    of the model it cuts (a unit's cost does not change by pruning, so the pruned model's serve
+    as long as every layer keeps a group and a channel)."""
+    return budget_split(costs, [lp.kv_heads_before - lp.kv_heads for lp in plan.layers],
+                        [lp.mlp_before - lp.mlp for lp in plan.layers])
+
+
+@dataclass(frozen=True)
 class RatePreview:
     """What a set of tuning settings would do, computed without touching the weights."""
 
@@ -218,6 +306,7 @@ class RatePreview:
     achieved: list[float]  # per layer: removed / parameters of the pruned parts
     table: pd.DataFrame
     params_total: int
+    split: BudgetSplit | None = None  # the removed parameters by part, per layer
 
     @property
     def params_after(self) -> int:
@@ -250,7 +339,8 @@ def rate_preview(config: PruneConfig, model: nn.Module, importance: LayerImporta
              "MLP channels kept": f"{m} / {s.mlp_width}"}
             for s, rate, done, g, m in zip(shapes, rates, achieved, allocation.groups_to_keep,
                                            allocation.channels_to_keep)]
-    return RatePreview(rates, allocation, achieved, pd.DataFrame(rows), count_parameters(model))
+    return RatePreview(rates, allocation, achieved, pd.DataFrame(rows), count_parameters(model),
+                       allocation_split(shapes, costs, allocation))
 
 
 def strategy_rates(config: PruneConfig, model: nn.Module, importance: LayerImportance
@@ -284,14 +374,16 @@ class PruneRun:
     text_after: str
     seconds: float
     number: int = 0
+    split: BudgetSplit | None = None  # the removed parameters by part (see plan_split)
 
     @property
     def label(self) -> str:
         c = self.config
         parts = "attn+MLP" if c.prune_attention and c.prune_mlp else (
             "attn" if c.prune_attention else "MLP")
+        recovery = "" if c.recovery == "none" else f" + {c.recovery} recovery"
         return (f"run {self.number}: {c.pruning_ratio:.0%} {c.pruning_strategy} α={c.alpha:g} "
-                f"{parts} {c.unit_importance}")
+                f"{parts} {c.unit_importance}{recovery}")
 
 
 def prune_job(config: PruneConfig, model: nn.Module, tokenizer, importance: LayerImportance | None,
@@ -304,6 +396,7 @@ def prune_job(config: PruneConfig, model: nn.Module, tokenizer, importance: Laye
     progress("copy model", 0, 1)
     with SHARED_MODEL_LOCK:  # never copy while another job's hooks sit on the shared model
         working = copy.deepcopy(model)
+    costs = unit_costs(working)  # before the cut
     tokenizer = copy.deepcopy(tokenizer)  # a private one: fast tokenizers dislike sharing
     progress("generate before", 0, 1)
     text_before = greedy_generate(working, tokenizer, prompt, max_new_tokens)
@@ -313,7 +406,8 @@ def prune_job(config: PruneConfig, model: nn.Module, tokenizer, importance: Laye
     progress("generate after", 0, 1)
     text_after = greedy_generate(result.model, tokenizer, prompt, max_new_tokens)
     return PruneRun(config, result.report, result.plan, result.model, tokenizer, prompt,
-                    text_before, text_after, time.perf_counter() - start)
+                    text_before, text_after, time.perf_counter() - start,
+                    split=plan_split(result.plan, costs))
 
 
 def layer_counts_table(report: dict) -> pd.DataFrame:
@@ -338,6 +432,42 @@ def perplexity_table(report: dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+RECOVERY_NAMES = {"lora": "LoRA", "full": "full fine-tuning"}
+
+
+def recovery_table(report: dict) -> pd.DataFrame:
+    """Per corpus: perplexity before pruning, after pruning, after recovery, and the share of
+    the pruning's perplexity increase that recovery won back. Empty without recovery."""
+    recovery = report.get("recovery")
+    if not recovery:
+        return pd.DataFrame()
+    rows = []
+    for corpus, pruned in recovery["ppl_after_pruning"].items():
+        recovered = recovery["ppl_after_recovery"].get(corpus)
+        dense = report.get("ppl_before", {}).get(corpus, {}).get("value")
+        if recovered is None or dense is None:
+            continue
+        lost = pruned - dense
+        rows.append({"corpus": corpus, "before pruning": dense, "after pruning": pruned,
+                     "after recovery": recovered,
+                     "won back %": 100 * (pruned - recovered) / lost if lost > 0 else None})
+    return pd.DataFrame(rows)
+
+
+def recovery_cost(report: dict) -> str:
+    """One line on what recovery did and cost ("" without recovery)."""
+    r = report.get("recovery")
+    if not r:
+        return ""
+    losses = ("" if r["loss_first"] is None else
+              f", distillation loss {r['loss_first']:.4f} → {r['loss_last']:.4f}")
+    why = "all steps ran" if r["stopped_by"] == "steps" else "stopped by the time budget"
+    return (f"{RECOVERY_NAMES.get(r['method'], r['method'])}: {r['steps_done']} of "
+            f"{r['steps_requested']} steps in {r['seconds']:.1f} s ({why}), "
+            f"{r['tokens_seen']:,} tokens, {human_count(r['trainable_params'])} trainable "
+            f"parameters, lr {r['lr']:g}{losses}")
+
+
 def runs_table(runs: Sequence[PruneRun]) -> pd.DataFrame:
     """One row per run: settings, parameters and perplexity per corpus, side by side."""
     rows = []
@@ -347,9 +477,12 @@ def runs_table(runs: Sequence[PruneRun]) -> pd.DataFrame:
                "strategy": c.pruning_strategy, "alpha": c.alpha,
                "parts": "+".join(p for p, on in (("attn", c.prune_attention), ("MLP", c.prune_mlp))
                                  if on),
-               "units": c.unit_importance, "mode": c.mode,
+               "units": c.unit_importance, "mode": c.mode, "recovery": c.recovery,
                "params after": r["params_after"],
                "removed % of all": round(100 * r["ratio_achieved_total"], 2)}
+        if run.split is not None:
+            row["attn share of removed %"] = round(100 * run.split.attention_share, 1)
+            row["MLP share of removed %"] = round(100 * run.split.mlp_share, 1)
         for corpus, after in r.get("ppl_after", {}).items():
             before = r["ppl_before"].get(corpus, {}).get("value")
             row[f"ppl {corpus}"] = round(after["value"], 2)

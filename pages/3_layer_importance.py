@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import streamlit as st
 
-from gqaprune_core.config import IMPORTANCE_METHODS
+from gqaprune_core.config import IMPORTANCE_METHODS, PRESETS
 from pages import _charts, _ui
 
 _ui.page_setup("Layer importance")
 st.title("Layer importance")
 loaded = _ui.require_model()
 
-METHODS = {"removal": "removal: perplexity increase when the layer is skipped (default)",
+METHODS = {"removal": "removal: perplexity increase when the layer is skipped (the original's)",
            "activation": "activation: mean norm of the layer's output (one forward pass)",
-           "block_influence": "block influence (ShortGPT): 1 − cos(input, output)"}
+           "block_influence": "block influence (ShortGPT): 1 − cos(input, output), one forward "
+                              "pass (the default preset's)"}
 st.markdown("How much does each layer matter? The scores decide how hard each layer is pruned "
             "on **Rate tuning**. Results are cached on disk under `cache/importance/` together "
             "with the command-line tool, keyed by model weights, corpus, method and sample count:"
@@ -24,7 +25,9 @@ with st.form("importance_form"):
     first, second, third, fourth = st.columns([2, 1, 1, 1])
     keep = {"persist_state": "session"}  # the Rate tuning page reuses these settings
     method = first.selectbox("Method", IMPORTANCE_METHODS, format_func=METHODS.get,
-                             key="importance_method", **keep)
+                             index=IMPORTANCE_METHODS.index(
+                                 PRESETS[_ui.preset_name()].importance_method),
+                             key="importance_method", **keep)  # starts at the preset's method
     samples = second.number_input("Calibration windows", 1, 1024,
                                   _ui.defaults()["importance_samples"], key="importance_samples",
                                   help="The command-line tool uses 50 by default.", **keep)

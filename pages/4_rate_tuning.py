@@ -23,7 +23,8 @@ def importance_or_stop():
     importance = _ui.importance_store().get(loaded.key)
     if importance is not None:
         return importance
-    method = st.session_state.get("importance_method", "removal")
+    method = st.session_state.get("importance_method",
+                                  PRESETS[_ui.preset_name()].importance_method)
     samples = int(st.session_state.get("importance_samples", _ui.defaults()["importance_samples"]))
     seq_len = int(st.session_state.get("importance_seq_len", 128))
     corpus = st.session_state.get("importance_corpus", "demo")
@@ -52,25 +53,26 @@ def apply_preset(name: str) -> None:
 
 
 def preset_picker() -> None:
-    current = st.session_state.get("preset", "original")
+    current = _ui.preset_name()
     left, right, note = st.columns([2, 1, 4], vertical_alignment="bottom")
     name = left.selectbox("Preset", list(PRESETS), index=list(PRESETS).index(current),
                           key="tune_preset_choice",
-                          help="original: the original project's algorithm (the sliders start "
-                               "there); default: gqaprune's recommended settings.")
+                          help="default: gqaprune's recommended settings (the sliders start "
+                               "there); original: the original project's algorithm.")
     right.button("Apply preset", on_click=apply_preset, args=(name,))
     note.caption(f"Runs start from the **{current}** preset; the sliders below override it.")
 
 
 def settings_widgets(layers: int) -> dict:
-    """The tuning widgets; their values persist across pages. They start at the original
-    preset (PruneConfig's defaults)."""
+    """The tuning widgets; their values persist across pages. They start at the app's starting
+    preset (``support.START_PRESET``, gqaprune's recommended settings)."""
     keep = {"persist_state": "session"}
-    start = PRESETS["original"]
+    start = PRESETS[support.START_PRESET]
     target = st.slider("Target pruning ratio", 0.0, 0.9, start.pruning_ratio, 0.01,
                        key="tune_ratio", format="percent", **keep,
                        help="Fraction of parameters to remove (see 'Ratio of' below).")
     ratio_of = st.radio("Ratio of", ["prunable", "total"], horizontal=True, key="tune_ratio_of",
+                        index=["prunable", "total"].index(start.ratio_of),
                         format_func={"prunable": "attention + MLP of the pruned layers",
                                      "total": "all parameters"}.get, **keep)
     strategy = st.segmented_control("Strategy", STRATEGIES, default=start.pruning_strategy,
@@ -110,7 +112,7 @@ def tuner(importance) -> None:
                             persist_state="session")
     with view:
         try:
-            preset = PRESETS[st.session_state.get("preset", "original")]
+            preset = PRESETS[_ui.preset_name()]
             config = preset.with_(base_model=loaded.source, **settings)
             preview = support.rate_preview(config, model, importance)
             end = len(preview.rates) if config.layer_end is None else config.layer_end
@@ -134,9 +136,20 @@ def tuner(importance) -> None:
         if not allocation.budget_met:
             st.caption("Whole GQA groups are coarse: with attention alone the budget can be "
                        "missed by up to one group per layer.")
+        split = preview.split
+        parts = st.columns(2)
+        for cell, label, removed, share, units in (
+                (parts[0], "removed from attention", split.attention_total,
+                 split.attention_share, f"{sum(split.groups_removed)} GQA groups"),
+                (parts[1], "removed from the MLP", split.mlp_total, split.mlp_share,
+                 f"{sum(split.channels_removed):,} channels")):
+            cell.metric(label, support.human_count(removed), f"{share:.1%} of removed · {units}",
+                        delta_color="off", delta_arrow="off",
+                        help=f"{removed:,} of the {split.total:,} parameters removed")
         overlays = support.strategy_rates(config, model, importance) if compare else None
         st.plotly_chart(_charts.rates_figure(preview, config, target, overlays),
                         key="rates_chart")
+        st.plotly_chart(_charts.budget_split_figure(split), key="split_chart")
     st.markdown("**What each layer would keep**")
     st.dataframe(preview.table, hide_index=True,
                  column_config={"score": st.column_config.NumberColumn(format="%.4g"),
@@ -147,7 +160,9 @@ def tuner(importance) -> None:
 importance = importance_or_stop()
 st.markdown(f"Scores: **{importance.method}** on {importance.inputs.get('samples')} windows. "
             "Bars are the planned per-layer rates, diamonds what whole units (groups, channels) "
-            "achieve, the grey band is [min, max] over the pruned layers.")
+            "achieve, the grey band is [min, max] over the pruned layers. The second chart "
+            "splits each layer's removed parameters between attention (whole GQA groups) and "
+            "MLP channels.")
 preset_picker()
 tuner(importance)
 st.page_link(_ui.PRUNE_PAGE, label="Next: prune with these settings",

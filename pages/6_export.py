@@ -7,7 +7,7 @@ import json
 import streamlit as st
 
 from gqaprune_core import app_support as support
-from pages import _ui
+from pages import _charts, _ui
 
 _ui.page_setup("Export")
 st.title("Export")
@@ -23,6 +23,11 @@ choice = st.selectbox("Run", numbers, index=numbers.index(shown) if shown in num
                       len(numbers) - 1, format_func=lambda n: runs[numbers.index(n)].label,
                       key="export_run")
 run = runs[numbers.index(choice)]
+
+if run.split is not None:
+    st.subheader("What was removed")
+    st.caption(run.split.summary())
+    st.plotly_chart(_charts.budget_split_figure(run.split), key=f"export_split_{run.number}")
 
 st.subheader("Save the pruned model")
 if run.model is None:

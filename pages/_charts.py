@@ -11,7 +11,8 @@ from collections.abc import Sequence
 import plotly.graph_objects as go
 from plotly.colors import qualitative
 
-from gqaprune_core.app_support import HeadScores, RatePreview, head_mapping, layer_counts_table
+from gqaprune_core.app_support import (BudgetSplit, HeadScores, RatePreview, head_mapping,
+                                        layer_counts_table)
 from gqaprune_core.config import PruneConfig
 from gqaprune_core.layer_importance import LayerImportance
 
@@ -20,6 +21,7 @@ MISMATCH = "#d62728"
 PLOT_FONT = {"size": 13}
 BAND = "rgba(110,110,110,0.15)"  # the [min, max] rate band
 STRATEGY_COLOURS = {"inverse": "#4c78a8", "proportional": "#f58518", "uniform": "#54a24b"}
+ATTENTION_COLOUR, MLP_COLOUR = "#d94801", "#31a354"  # as the KV-head and MLP result charts
 
 
 def kv_colour(kv_head: int) -> str:
@@ -148,6 +150,28 @@ def rates_figure(preview: RatePreview, config: PruneConfig, target: float,
     top = max([config.max_pruning_rate, *preview.rates, *preview.achieved,
                 *(r for rates in (overlays or {}).values() for r in rates)])
     fig.update_yaxes(range=[0, 100 * top + 6])
+    fig.update_xaxes(dtick=1 if len(layers) <= 16 else None, range=[-0.6, len(layers) - 0.4])
+    return fig
+
+
+def budget_split_figure(split: BudgetSplit) -> go.Figure:
+    """Per layer, the parameters removed as one stacked bar: attention (whole GQA groups) below,
+    MLP channels above; hovering names the units."""
+    layers = list(range(len(split.attention)))
+    fig = go.Figure()
+    for name, values, units, colour, share in (
+            ("attention (GQA groups)", split.attention, split.groups_removed, ATTENTION_COLOUR,
+             split.attention_share),
+            ("MLP channels", split.mlp, split.channels_removed, MLP_COLOUR, split.mlp_share)):
+        unit = "groups" if name.startswith("attention") else "channels"
+        fig.add_trace(go.Bar(x=layers, y=list(values), name=f"{name}: {share:.1%} of removed",
+                             marker_color=colour, customdata=list(units),
+                             hovertemplate=f"layer %{{x}}<br>{name}: %{{y:,}} parameters "
+                                           f"(%{{customdata}} {unit})<extra></extra>"))
+    fig.update_layout(barmode="stack", xaxis_title="layer", yaxis_title="parameters removed",
+                      height=320, font=PLOT_FONT, bargap=0.25,
+                      legend={"orientation": "h", "y": 1.15, "x": 0},
+                      margin={"l": 10, "r": 10, "t": 40, "b": 10})
     fig.update_xaxes(dtick=1 if len(layers) <= 16 else None, range=[-0.6, len(layers) - 0.4])
     return fig
 

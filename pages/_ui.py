@@ -34,6 +34,8 @@ STAGES = {"starting": "starting", "copy model": "copying the model",
           "generate before": "generating (before)", "importance": "layer importance",
           "evaluate_before": "perplexity before", "prune": "scoring and cutting layers",
           "evaluate_after": "perplexity after", "generate after": "generating (after)",
+          "recover": "recovery (distillation steps)",
+          "evaluate_recovered": "perplexity after recovery",
           "calibration": "calibration text", "taylor": "Taylor scores (backward passes)"}
 
 
@@ -49,13 +51,19 @@ def defaults() -> dict[str, Any]:
     if quick():
         return {"importance_samples": 4, "num_examples": 2, "seq_len": 32,
                 "eval_seq_len": 128, "max_eval_windows": 2, "max_new_tokens": 12,
-                "score_samples": 2}
+                "score_samples": 2, "recovery_steps": 2, "recovery_time_s": 60,
+                "recovery_seq_len": 32, "recovery_samples": 4}
     if torch.cuda.is_available():
         return {"importance_samples": 50, "num_examples": 10, "seq_len": 64,
                 "eval_seq_len": 512, "max_eval_windows": 24, "max_new_tokens": 32,
-                "score_samples": 16}
+                "score_samples": 16, "recovery_steps": 100, "recovery_time_s": 600,
+                "recovery_seq_len": 256, "recovery_samples": 256}
+    # CPU: a recovery step of 4 x 256 tokens takes ~30 s on the demo model; 128 tokens, a
+    # budget of 5 minutes
     return {"importance_samples": 16, "num_examples": 6, "seq_len": 64, "eval_seq_len": 256,
-            "max_eval_windows": 8, "max_new_tokens": 24, "score_samples": 8}
+            "max_eval_windows": 8, "max_new_tokens": 24, "score_samples": 8,
+            "recovery_steps": 20, "recovery_time_s": 300, "recovery_seq_len": 128,
+            "recovery_samples": 64}
 
 
 @dataclass(frozen=True)
@@ -76,6 +84,12 @@ class Loaded:
 def owner() -> str:
     """This browser session's key in the job registry."""
     return st.session_state.setdefault("_owner", uuid.uuid4().hex)
+
+
+def preset_name() -> str:
+    """The preset this session's runs start from: ``support.START_PRESET`` (gqaprune's
+    recommended settings) until another is applied on Rate tuning."""
+    return st.session_state.setdefault("preset", support.START_PRESET)
 
 
 @st.cache_resource(show_spinner=False, max_entries=2)
@@ -129,6 +143,7 @@ def page_setup(title: str) -> None:
     """Page config and the sidebar: the loaded model and any running jobs."""
     st.set_page_config(page_title=f"{title} · gqaprune", page_icon=":material/content_cut:",
                        layout="wide")
+    preset_name()  # set before any page reads st.session_state["preset"]
     with st.sidebar:
         info = st.session_state.get("model_info")
         choice = st.session_state.get("model_choice")

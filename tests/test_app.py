@@ -15,6 +15,8 @@ from streamlit.testing.v1 import AppTest
 
 from gqaprune_core import app_support
 from gqaprune_core.app_support import JobRegistry, head_mapping
+from gqaprune_core.config import PRESETS
+from gqaprune_core.models import count_parameters, layout, load_model
 
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
 PAGES = ("1_model", "2_gqa_structure", "3_layer_importance", "4_rate_tuning", "5_prune",
@@ -59,6 +61,21 @@ def rate_bars(at: AppTest) -> list[float]:
             if trace.get("type") == "bar" and str(trace.get("name")).startswith("planned rate"):
                 return list(trace["y"])
     raise AssertionError("no planned-rate bars in any chart")
+
+
+def split_bars(at: AppTest) -> dict[str, list[int]]:
+    """The stacked bars of parameters removed per layer, by part name (attention, MLP)."""
+    for spec in chart_specs(at):
+        bars = {str(t["name"]).split(":")[0]: list(t["y"]) for t in spec["data"]
+                if t.get("type") == "bar"}
+        if {"attention (GQA groups)", "MLP channels"} <= set(bars):
+            return bars
+    raise AssertionError("no attention/MLP split chart")
+
+
+def use_preset(at: AppTest, name: str) -> AppTest:
+    at.selectbox(key="tune_preset_choice").set_value(name).run()
+    return click(at, "Apply preset")
 
 
 def texts(at: AppTest) -> str:
@@ -141,32 +158,67 @@ def test_layer_importance_is_computed_once_then_read_from_the_disk_cache(app, tm
     assert "read from the disk cache" not in texts(app)
 
 
+def test_the_app_starts_from_the_recommended_preset_and_splits_the_budget(app):
+    start = PRESETS[app_support.START_PRESET]
+    assert app_support.START_PRESET == "default" and app.session_state["preset"] == "default"
+    open_page(app, "4_rate_tuning")
+    assert "there are none yet" in texts(app) and "block_influence" in texts(app)
+    click(app, "Compute layer importance")
+    importance = app.session_state["importance"][("tiny", "auto", "auto")]
+    assert importance.method == start.importance_method == "block_influence"
+    assert app.selectbox(key="tune_preset_choice").value == "default"
+    assert app.slider(key="tune_ratio").value == pytest.approx(start.pruning_ratio)
+    assert app.radio(key="tune_ratio_of").value == start.ratio_of == "total"
+    assert app.slider(key="tune_alpha").value == pytest.approx(start.alpha)
+    assert app.slider(key="tune_max").value == pytest.approx(start.max_pruning_rate)
+    assert app.toggle(key="tune_attention").value is start.prune_attention is False
+    assert app.toggle(key="tune_mlp").value is True
+    # MLP channels only: the whole budget comes from the MLP
+    metrics = {m.label: m for m in app.metric}
+    assert metrics["removed from attention"].value == "0"
+    assert metrics["removed from the MLP"].delta.startswith("100.0% of removed")
+    bars = split_bars(app)
+    assert bars["attention (GQA groups)"] == [0, 0, 0] and min(bars["MLP channels"]) > 0
+    # with attention on as well, part of a larger budget goes to whole groups
+    app.toggle(key="tune_attention").set_value(True).run()
+    app.slider(key="tune_ratio").set_value(0.45).run()
+    assert not app.warning, [w.value for w in app.warning]
+    model, _ = load_model("tiny", device="cpu")  # seeded: the app's model
+    split = app_support.rate_preview(
+        start.with_(base_model="tiny", pruning_ratio=0.45, prune_attention=True), model,
+        importance).split
+    bars = split_bars(app)
+    assert bars["attention (GQA groups)"] == list(split.attention) and split.attention_total > 0
+    assert bars["MLP channels"] == list(split.mlp)
+    shares = {m.label: m.delta for m in app.metric}
+    assert shares["removed from attention"].startswith(f"{split.attention_share:.1%} of removed")
+    assert shares["removed from the MLP"].startswith(f"{split.mlp_share:.1%} of removed")
+
+
 def test_rate_tuning_redraws_on_slider_moves_and_warns_on_impossible_settings(app):
     open_page(app, "4_rate_tuning")
     click(app, "Compute layer importance")
     before = rate_bars(app)
     assert len(before) == 3
-    app.slider(key="tune_ratio").set_value(0.35).run()
+    app.slider(key="tune_ratio").set_value(0.25).run()  # of all: 65.6 % of the tiny MLPs
     after = rate_bars(app)
     assert after != before and sum(after) > sum(before)
     tuned = app.session_state["tuning"][("tiny", "auto", "auto")]
-    assert tuned["pruning_ratio"] == pytest.approx(0.35)
-    app.slider(key="tune_min").set_value(0.6).run()  # min above max
+    assert tuned["pruning_ratio"] == pytest.approx(0.25)
+    app.slider(key="tune_min").set_value(0.8).run()  # min above max (0.7)
     assert any("min" in w.value for w in app.warning), [w.value for w in app.warning]
-    app.slider(key="tune_min").set_value(0.4).run()  # target below min: unreachable
+    app.slider(key="tune_min").set_value(0.66).run()  # target below min: unreachable
     assert any("cannot be reached" in w.value for w in app.warning)
     assert not app.exception
 
 
 def test_a_preset_sets_the_sliders_and_the_rest_of_the_run(app):
-    from gqaprune_core.config import PRESETS
-
     open_page(app, "4_rate_tuning")
     click(app, "Compute layer importance")
-    chosen = next(name for name in PRESETS if name != "original")
+    chosen = next(name for name in PRESETS if name != app_support.START_PRESET)  # original
     preset = PRESETS[chosen]
-    app.selectbox(key="tune_preset_choice").set_value(chosen).run()
-    click(app, "Apply preset")
+    use_preset(app, chosen)
+    assert app.session_state["preset"] == chosen
     assert app.slider(key="tune_alpha").value == pytest.approx(preset.alpha)
     assert app.toggle(key="tune_attention").value == preset.prune_attention
     open_page(app, "5_prune")
@@ -177,17 +229,24 @@ def test_a_preset_sets_the_sliders_and_the_rest_of_the_run(app):
         k: getattr(config, k) for k in ("base_model", "device", "dtype", "unit_importance",
                                         "num_examples", "seq_len", "eval_datasets",
                                         "eval_seq_len", "max_eval_windows", "importance_method",
-                                        "importance_samples", "importance_seq_len")}).to_dict()
+                                        "importance_samples", "importance_seq_len",
+                                        "recovery_steps", "recovery_time_s", "recovery_seq_len",
+                                        "recovery_samples")}).to_dict()
 
 
 def test_pruning_run_completes_shows_counts_and_exports(app, tmp_path):
     open_page(app, "4_rate_tuning")
     click(app, "Compute layer importance")
-    app.slider(key="tune_ratio").set_value(0.3).run()
+    app.toggle(key="tune_attention").set_value(True).run()  # groups as well as channels
+    app.slider(key="tune_ratio").set_value(0.45).run()
     open_page(app, "5_prune")
     click(app, "Prune a copy of the model")
     runs = app.session_state["runs"]
-    assert len(runs) == 1 and runs[0].config.pruning_ratio == pytest.approx(0.3)
+    assert len(runs) == 1 and runs[0].config.pruning_ratio == pytest.approx(0.45)
+    assert runs[0].config.prune_attention and runs[0].config.compensate  # the default preset
+    split, report = runs[0].split, runs[0].report
+    assert split.total == report["params_before"] - report["params_after"]
+    assert split.attention_total > 0 and split.mlp_total > 0
     counts = next(d.value for d in app.dataframe if "KV heads after" in d.value.columns)
     assert list(counts["layer"]) == [0, 1, 2]
     assert (counts["KV heads after"] <= counts["KV heads before"]).all()
@@ -196,14 +255,32 @@ def test_pruning_run_completes_shows_counts_and_exports(app, tmp_path):
     click(app, "Prune a copy of the model")  # a second run, compared side by side
     comparison = next(d.value for d in app.dataframe if "strategy" in d.value.columns)
     assert list(comparison["run"]) == [1, 2]
+    shares = comparison["attn share of removed %"] + comparison["MLP share of removed %"]
+    assert list(shares) == pytest.approx([100, 100], abs=0.11)
 
     open_page(app, "6_export")
+    assert runs[1].split.summary() in texts(app)
+    assert split_bars(app)["attention (GQA groups)"] == list(runs[1].split.attention)
     app.text_input(key="export_name_2").input("from-test").run()
     click(app, "Save")
     saved = tmp_path / "prune_log" / "from-test"
     assert (saved / "model" / "gqaprune_plan.json").is_file()
     assert json.loads((saved / "report.json").read_text())["layers"]
     assert any("load_pruned" in c.value for c in app.code)
+
+
+def test_a_run_with_recovery_shows_perplexity_after_pruning_and_after_recovery(app):
+    open_page(app, "5_prune")
+    app.selectbox(key="run_recovery").set_value("lora")
+    app.number_input(key="run_recovery_steps").set_value(2)
+    click(app, "Prune a copy of the model")
+    run = app.session_state["runs"][0]
+    assert run.config.recovery == "lora" and run.report["recovery"]["steps_done"] == 2
+    table = next(d.value for d in app.dataframe if "after recovery" in d.value.columns)
+    assert list(table.columns[:4]) == ["corpus", "before pruning", "after pruning",
+                                       "after recovery"]
+    assert table["after recovery"].iloc[0] == run.report["ppl_after"]["demo"]["value"]
+    assert "Recovery cost: LoRA: 2 of 2 steps" in texts(app)
 
 
 def test_a_failing_job_is_a_readable_error_until_the_next_run(app, monkeypatch):
@@ -235,6 +312,46 @@ def test_job_registry_runs_work_in_the_background_and_reports_failures():
     while failed.running:
         time.sleep(0.01)
     assert failed.status == "error" and "ZeroDivisionError" in failed.error
+
+
+def test_budget_split_counts_the_parameters_each_part_gives(make_tiny):
+    import copy
+
+    import torch
+
+    from gqaprune_core.plan import build_plan
+    from gqaprune_core.schedule import allocate_units, unit_costs
+    from gqaprune_core.surgery import apply_plan_
+
+    model = make_tiny("qwen2_bias")  # biases count with their units
+    shapes, costs = layout(model), unit_costs(model)
+    allocation = allocate_units(shapes, costs, [0.5, 0.2, 0.6], prune_attention=True,
+                                prune_mlp=True, group_rounding="per_layer")
+    split = app_support.allocation_split(shapes, costs, allocation)
+    assert split.total == allocation.params_removed
+    assert split.groups_removed == tuple(s.kv_heads - g for s, g in
+                                         zip(shapes, allocation.groups_to_keep))
+    assert split.attention == tuple(g * c.group for g, c in zip(split.groups_removed, costs))
+    assert split.attention_total > 0 and split.mlp_total > 0
+    assert split.attention_share + split.mlp_share == pytest.approx(1.0)
+    assert f"{split.attention_share:.1%}" in split.summary()
+    assert list(split.table()["MLP params removed"]) == list(split.mlp)
+    # the plan made from that allocation removes exactly the split's parameters
+    plan = build_plan(shapes, [torch.arange(s.kv_heads, dtype=torch.float) for s in shapes],
+                      [torch.arange(s.mlp_width, dtype=torch.float) for s in shapes],
+                      allocation.groups_to_keep, allocation.channels_to_keep)
+    pruned = apply_plan_(copy.deepcopy(model), plan)
+    from_plan = app_support.plan_split(plan, costs)
+    assert from_plan == split
+    assert from_plan.total == count_parameters(model) - count_parameters(pruned)
+    assert app_support.plan_split(plan, unit_costs(pruned)) == split  # unit costs survive cuts
+    mlp_only = allocate_units(shapes, costs, [0.3] * 3, prune_attention=False)
+    none_from_attention = app_support.allocation_split(shapes, costs, mlp_only)
+    assert none_from_attention.attention_total == 0 and none_from_attention.mlp_share == 1.0
+    nothing = app_support.budget_split(costs, [0, 0, 0], [0, 0, 0])
+    assert nothing.attention_share == nothing.mlp_share == 0.0
+    with pytest.raises(ValueError, match="one cost and two counts per layer"):
+        app_support.budget_split(costs, [0, 0], [0, 0, 0])
 
 
 def test_head_mapping_keeps_groups_intact_and_flags_naive_cuts():
