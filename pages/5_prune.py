@@ -20,7 +20,7 @@ _ui.page_setup("Prune & evaluate")
 st.title("Prune & evaluate")
 loaded = _ui.require_model()
 tuning = st.session_state.get("tuning", {}).get(loaded.key)  # settings for this model only
-preset_name = st.session_state.get("preset", "original")
+preset_name = _ui.preset_name()
 preset = PRESETS[preset_name]  # what Rate tuning does not set comes from here
 importance = _ui.importance_store().get(loaded.key)
 runs: list[support.PruneRun] = st.session_state.setdefault("runs", [])
@@ -155,6 +155,8 @@ def show_run(run: support.PruneRun) -> None:
     for cell, row in zip(cells[2:], ppl.itertuples(index=False)):
         cell.metric(f"perplexity {row.corpus}", f"{row[2]:.2f}", f"{row[4]:+.1f} %",
                     delta_color="inverse")
+    if run.split is not None:
+        st.caption(run.split.summary())
     left, right = st.columns(2)
     left.plotly_chart(_charts.head_counts_figure(report), key=f"heads_{run.number}")
     right.plotly_chart(_charts.mlp_figure(report), key=f"mlp_{run.number}")
