@@ -44,7 +44,7 @@ CONFIG_FLAGS = (
     "base_model", "pruning_ratio", "ratio_of", "importance_method", "pruning_strategy", "alpha",
     "min_pruning_rate", "max_pruning_rate", "layer_start", "layer_end", "importance_samples",
     "importance_seq_len", "num_examples", "seq_len", "prune_mlp", "prune_attention",
-    "group_rounding", "mode", "unit_importance", "compensate", "refit_ridge",
+    "group_rounding", "channel_multiple", "mode", "unit_importance", "compensate", "refit_ridge",
     "calibration_dataset", "eval_datasets", "eval_seq_len", "max_eval_windows", "seed", "device",
     "dtype", "recovery", "recovery_steps", "recovery_time_s", "recovery_lr", "recovery_batch_size",
     "recovery_seq_len", "recovery_samples",
@@ -125,6 +125,9 @@ def _add_pruning_flags(parser: argparse.ArgumentParser, d: PruneConfig) -> None:
         "whole groups per layer: 'per_layer' removes floor(rate x groups) in each layer, as the "
         "original script; 'across' rounds group counts across layers so attention pays its share "
         f"of the budget (MLP channels take up the rest either way) (default: {d.group_rounding})"))
+    group.add_argument("--channel_multiple", type=int, help=(
+        "every pruned layer keeps a multiple of this many MLP channels; GPU matrix kernels are "
+        f"slower on widths that are not multiples of 8 (default: {d.channel_multiple})"))
 
 
 def _add_importance_flags(parser: argparse.ArgumentParser, d: PruneConfig) -> None:

@@ -52,6 +52,9 @@ class PruneConfig:
     # "per_layer": floor(rate * groups) in each layer, the original's rule; "across": group
     # counts rounded across layers so attention gives its share of the budget.
     group_rounding: GroupRounding = "per_layer"
+    # every pruned layer keeps a multiple of this many MLP channels (GPU kernels are slower on
+    # widths that are not multiples of 8); 1 = any count, as the original
+    channel_multiple: int = 1
     mode: Mode = "sequential"
     unit_importance: UnitImportance = "taylor"
     calibration_dataset: str = "demo"
@@ -90,6 +93,8 @@ class PruneConfig:
         if not 0.0 <= self.min_pruning_rate <= self.max_pruning_rate < 1.0:
             raise ValueError(f"need 0 <= min_pruning_rate ({self.min_pruning_rate}) <= "
                              f"max_pruning_rate ({self.max_pruning_rate}) < 1")
+        if self.channel_multiple < 1:
+            raise ValueError(f"channel_multiple={self.channel_multiple} must be >= 1")
         if self.refit_ridge <= 0:
             raise ValueError(f"refit_ridge={self.refit_ridge} must be > 0")
         if self.alpha < 0:

@@ -90,7 +90,8 @@ def plan_units(config: PruneConfig, model: nn.Module, importance: LayerImportanc
                         weights=prunable_parts(config, costs))
     allocation = allocate_units(shapes, costs, rates, importance.scores,
                                 prune_attention=config.prune_attention, prune_mlp=config.prune_mlp,
-                                group_rounding=config.group_rounding)
+                                group_rounding=config.group_rounding,
+                                channel_multiple=config.channel_multiple)
     return rates, allocation
 
 

@@ -289,25 +289,34 @@ def _spread_remainder(amounts: list[float], capacity: Sequence[float], residual:
 
 def _channel_counts(budgets: Sequence[float], group_params: Sequence[int],
                     costs: Sequence[UnitCost], widths: Sequence[int],
-                    order_key: Sequence[float]) -> list[int]:
+                    order_key: Sequence[float], multiple: int = 1) -> list[int]:
     """Channels to remove per layer so each layer's removal approaches its budget, and the total
     matches the total budget: what a layer cannot absorb (already over budget from groups, or
-    short of MLP) moves to the other layers."""
-    capacity = [(w - 1) * c.channel for w, c in zip(widths, costs)]
+    short of MLP) moves to the other layers. Channels go in blocks of ``multiple`` (which
+    divides every width), so every layer keeps a multiple of it."""
+    capacity = [(w - multiple) * c.channel for w, c in zip(widths, costs)]
     wanted = [b - g for b, g in zip(budgets, group_params)]
     amounts = [min(max(x, 0.0), cap) for x, cap in zip(wanted, capacity)]
     target = sum(wanted)
     amounts = _spread_remainder(amounts, capacity, target - sum(amounts))
-    ideal = [a / c.channel for a, c in zip(amounts, costs)]
-    caps = [w - 1 for w in widths]
-    return _round_units(ideal, [c.channel for c in costs], caps, min(target, sum(capacity)),
-                        order_key)
+    ideal = [a / (c.channel * multiple) for a, c in zip(amounts, costs)]
+    caps = [(w - multiple) // multiple for w in widths]
+    blocks = _round_units(ideal, [c.channel * multiple for c in costs], caps,
+                          min(target, sum(capacity)), order_key)
+    return [b * multiple for b in blocks]
+
+
+def channel_block(widths: Sequence[int], multiple: int) -> int:
+    """The block size actually used: the largest divisor of ``multiple`` that divides every
+    MLP width (a model whose widths share no factor with it falls back to single channels)."""
+    return math.gcd(multiple, *widths) if widths else multiple
 
 
 def allocate_units(model_layout: Sequence[LayerLayout], costs: Sequence[UnitCost],
                    rates: Sequence[float], layer_scores: Sequence[float] | None = None,
                    prune_attention: bool = True, prune_mlp: bool = True,
-                   group_rounding: GroupRounding = "across") -> UnitAllocation:
+                   group_rounding: GroupRounding = "across", channel_multiple: int = 1
+                   ) -> UnitAllocation:
     """Whole GQA groups and MLP channels to keep per layer so that the parameters removed meet
     ``sum_l rate_l * prunable_l``.
 
@@ -327,6 +336,9 @@ def allocate_units(model_layout: Sequence[LayerLayout], costs: Sequence[UnitCost
         prune_attention, prune_mlp: which parts to prune (at least one).
         group_rounding: ``"across"`` or ``"per_layer"`` (see the module docstring). With
             attention alone pruned, ``"per_layer"`` usually misses the budget (``budget_met``).
+        channel_multiple: every pruned layer keeps a multiple of this many MLP channels (of
+            :func:`channel_block` of it, when it does not divide every width): GPU matrix
+            kernels slow down on widths that are not multiples of 8.
 
     Raises:
         ValueError: lengths that differ from L, rates outside [0, 1), neither part pruned, or
@@ -342,6 +354,8 @@ def allocate_units(model_layout: Sequence[LayerLayout], costs: Sequence[UnitCost
         raise ValueError(f"rates must lie in [0, 1); layer: rate = {bad}")
     if not (prune_attention or prune_mlp):
         raise ValueError("prune_attention and prune_mlp are both False: nothing to allocate")
+    if channel_multiple < 1:
+        raise ValueError(f"channel_multiple={channel_multiple} must be >= 1")
     if group_rounding not in GROUP_ROUNDINGS:
         raise ValueError(f"group_rounding={group_rounding!r}; choose one of "
                          f"{', '.join(GROUP_ROUNDINGS)}")
@@ -364,8 +378,10 @@ def allocate_units(model_layout: Sequence[LayerLayout], costs: Sequence[UnitCost
     channels = [0] * count
     if prune_mlp:
         widths = [s.mlp_width if on else 1 for s, on in zip(model_layout, active)]
+        multiple = channel_block([w for w, on in zip(widths, active) if on], channel_multiple)
+        widths = [w if on else multiple for w, on in zip(widths, active)]
         channels = _channel_counts(budgets, [g * c.group for g, c in zip(groups, costs)], costs,
-                                   widths, scores)
+                                   widths, scores, multiple)
     return _summary(model_layout, costs, groups, channels, prunable, sum(budgets))
 
 

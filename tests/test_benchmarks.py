@@ -72,7 +72,9 @@ def test_speed_script_on_tiny_llama(corpus, tmp_path):
     stages = data["stages"]
     for name in ("importance_removal_prefix_reuse", "importance_removal_naive",
                  "prune_taylor_sequential", "surgery_apply_plan", "evaluate",
-                 "pipeline_original", "pipeline_default", "full_procedure_default_in_place"):
+                 "pipeline_original", "pipeline_default", "full_procedure_default_in_place",
+                 "evaluate_pruned_multiple_1", "evaluate_pruned_multiple_8",
+                 "recovery_lora_5_steps", "recovery_full_5_steps"):
         assert stages[name]["seconds"] > 0, name
     assert stages["full_procedure_default_in_place"]["eval_tokens_each"] == 3 * 31
     assert stages["removal_naive_over_prefix_reuse"]["max_relative_score_difference"] < 1e-5

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from gqaprune_core.models import LayerLayout, count_parameters, decoder_layers, layout
 from gqaprune_core.plan import LayerPlan, identity_plan
-from gqaprune_core.schedule import UnitCost, allocate_units, layer_rates, unit_costs
+from gqaprune_core.schedule import UnitCost, allocate_units, channel_block, layer_rates, unit_costs
 from gqaprune_core.surgery import apply_plan_
 from gqaprune_core.tiny import tiny_model
 
@@ -151,12 +151,15 @@ def test_demo_budget_met(target):
 
 @FAST
 @given(st.lists(st.floats(0.0, 0.9) | st.just(0.0), min_size=30, max_size=30),
-       st.booleans(), st.booleans(), st.sampled_from(["across", "per_layer"]))
-def test_any_demo_rates_meet_budget(rates, prune_attention, prune_mlp, rounding):
+       st.booleans(), st.booleans(), st.sampled_from(["across", "per_layer"]),
+       st.sampled_from([1, 8, 64]))
+def test_any_demo_rates_meet_budget(rates, prune_attention, prune_mlp, rounding, multiple):
     if not (prune_attention or prune_mlp):
         prune_attention = prune_mlp = True
     allocation = allocate_units(DEMO_LAYOUT, DEMO_COSTS, rates, DEMO_SCORES,
-                                prune_attention, prune_mlp, group_rounding=rounding)
+                                prune_attention, prune_mlp, group_rounding=rounding,
+                                channel_multiple=multiple)
+    assert all(c % multiple == 0 for c in allocation.channels_to_keep)
     assert all(1 <= g <= 3 for g in allocation.groups_to_keep)
     assert all(1 <= c <= 1536 for c in allocation.channels_to_keep)
     whole = [i for i, r in enumerate(rates) if r == 0]
@@ -189,6 +192,29 @@ def test_per_layer_rounding_cuts_a_group_only_from_one_groups_share():
     quarter = allocate_units(DEMO_LAYOUT, DEMO_COSTS, [0.25] * 30, group_rounding="per_layer")
     assert quarter.groups_to_keep == (3,) * 30
     assert quarter.budget_met
+
+
+@pytest.mark.parametrize("target", [0.1, 0.2, 0.3])
+def test_channel_multiple_keeps_aligned_widths_and_meets_budget(target):
+    allocation = allocate_units(DEMO_LAYOUT, DEMO_COSTS, demo_rates(target), DEMO_SCORES,
+                                prune_attention=False, channel_multiple=64)
+    assert all(c % 64 == 0 and c >= 64 for c in allocation.channels_to_keep)
+    assert allocation.budget_met
+    assert len(set(allocation.channels_to_keep)) > 1  # rates still differ between layers
+
+
+def test_channel_multiple_falls_back_to_a_common_divisor():
+    assert channel_block([1536, 1536], 64) == 64
+    assert channel_block([688, 1536], 64) == 16  # 688 = 43 x 16
+    assert channel_block([97], 8) == 1
+    layout_ = [LayerLayout(i, 4, 2, 8, 688) for i in range(4)]
+    costs = [UnitCost(group=2_048, channel=768, attention=8_192, mlp=528_384)] * 4
+    allocation = allocate_units(layout_, costs, [0.3] * 4, prune_attention=False,
+                                channel_multiple=64)
+    assert all(c % 16 == 0 for c in allocation.channels_to_keep)
+    assert allocation.budget_met
+    with pytest.raises(ValueError, match="channel_multiple=0"):
+        allocate_units(layout_, costs, [0.3] * 4, channel_multiple=0)
 
 
 def test_unknown_group_rounding_is_refused():
