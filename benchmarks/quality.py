@@ -37,7 +37,7 @@ from gqaprune_core.pipeline import prunable_target, run_pipeline  # noqa: E402
 from gqaprune_core.surgery import apply_plan_  # noqa: E402
 
 METHODS = ("original", "default", "uniform_taylor", "global_taylor", "magnitude", "random",
-           "activation", "depth", "naive-heads")
+           "activation", "depth", "naive-heads", "default-own-calibration", "default+lora")
 QUICK_METHODS = ("original", "default", "global_taylor", "naive-heads")
 UNIFORM_UNIT_METHODS = {"uniform_taylor": "taylor", "magnitude": "magnitude", "random": "random",
                         "activation": "activation"}
@@ -48,13 +48,20 @@ def method_config(method: str, ratio: float, args) -> tuple[PruneConfig, list[st
     """The pipeline configuration of a method at ``ratio`` of all parameters, and notes on any
     setting changed from its preset."""
     notes = []
-    if method == "default":
+    if method.startswith("default"):
         base, source = default_preset()
         notes.append(source)
     else:
         base = PRESETS["original"]
+    # default-own-calibration: the preset's own calibration mix, not the benchmark's corpus
+    calibration = base.calibration_dataset if method == "default-own-calibration" else args.calibration
     config = base.with_(pruning_ratio=ratio, ratio_of="total", base_model=args.model,
-                        calibration_dataset=args.calibration, seed=args.seed)
+                        calibration_dataset=calibration, seed=args.seed)
+    if method == "default+lora":
+        config = config.with_(recovery="lora", recovery_steps=args.recovery_steps,
+                              recovery_time_s=args.recovery_time)
+        notes.append(f"LoRA distillation, at most {args.recovery_steps} steps / "
+                     f"{args.recovery_time} s on the calibration corpus")
     if method in UNIFORM_UNIT_METHODS:
         # Bounds do not shape uniform rates; (0, 0.9) only keeps the range check from refusing.
         # Groups rounded across layers: one group goes in most layers, as in LLM-Pruner-style
@@ -109,7 +116,8 @@ def run_library_method(method: str, model, tokenizer, ratio: float, args) -> tup
                "layer_importance": importance.method,
                "groups_kept": list(result.allocation.groups_to_keep),
                "channels_kept": list(result.allocation.channels_to_keep),
-               "pipeline_timings_s": result.report["timings_s"]}
+               "pipeline_timings_s": result.report["timings_s"],
+               "recovery": None if result.recovery is None else result.recovery.to_dict()}
     return result.model, details, cost
 
 
@@ -276,6 +284,9 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--examples", type=int, help="override the presets' 10")
     parser.add_argument("--example-seq-len", type=int, help="override the presets' 64")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--recovery-steps", type=int, default=40, help="default+lora's steps")
+    parser.add_argument("--recovery-time", type=float, default=900.0,
+                        help="default+lora's time budget in seconds")
     parser.add_argument("--threads", type=int)
     parser.add_argument("--quick", action="store_true",
                         help="20 %% only, 4 windows, 4 methods, 16 importance samples")

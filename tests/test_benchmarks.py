@@ -61,6 +61,18 @@ def test_quality_script_on_tiny_model(corpus, tmp_path):
     assert depth["layers"] == 2 and depth["details"]["removed_layers"]
 
 
+def test_quality_script_recovery_row(corpus, tmp_path):
+    data = quality.main([
+        "--model", "tiny", "--ratios", "0.1", "--methods", "default+lora", "--recovery-steps", "1",
+        "--windows", "2", "--seq-len", "64", "--corpora", str(corpus),
+        "--calibration", str(corpus), "--importance-samples", "4", "--importance-seq-len", "32",
+        "--out", str(tmp_path / "q.json"), "--no-plot"])
+    (entry,) = data["results"]
+    assert entry["within_tolerance"] and "ppl" in entry
+    assert entry["details"]["recovery"]["steps_done"] == 1
+    assert entry["details"]["config"]["recovery"] == "lora"
+
+
 def test_speed_script_on_tiny_llama(corpus, tmp_path):
     out = tmp_path / "speed.json"
     data = speed.main([
