@@ -50,6 +50,10 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "nw/max-0.5": (NW, {"max_pruning_rate": 0.5}),
     "nw/128x256": (NW, {"num_examples": 128}),
     "nw/no-refit": (NW, {"compensate": False, "unit_importance": "taylor"}),
+    "nw/feedback-0.5": (NW, {"refit_feedback": 0.5}),
+    "nw/feedback-1": (NW, {"refit_feedback": 1.0}),
+    "nw/alpha-3": (NW, {"alpha": 3.0}),
+    "nw/128x256/feedback-0.5": (NW, {"num_examples": 128, "refit_feedback": 0.5}),
     "news/ridge-0.1": ("sel-demo", {"refit_ridge": 0.1}),
     "all/ridge-0.1": (ALL, {"refit_ridge": 0.1}),
 }

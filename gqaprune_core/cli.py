@@ -45,6 +45,7 @@ CONFIG_FLAGS = (
     "min_pruning_rate", "max_pruning_rate", "layer_start", "layer_end", "importance_samples",
     "importance_seq_len", "num_examples", "seq_len", "prune_mlp", "prune_attention",
     "group_rounding", "channel_multiple", "mode", "unit_importance", "compensate", "refit_ridge",
+    "refit_feedback",
     "calibration_dataset", "eval_datasets", "eval_seq_len", "max_eval_windows", "seed", "device",
     "dtype", "recovery", "recovery_steps", "recovery_time_s", "recovery_lr", "recovery_batch_size",
     "recovery_seq_len", "recovery_samples",
@@ -161,6 +162,9 @@ def _add_importance_flags(parser: argparse.ArgumentParser, d: PruneConfig) -> No
     group.add_argument("--refit_ridge", type=float, help=(
         f"ridge strength of the re-fit, relative to the mean activation energy "
         f"(default: {d.refit_ridge})"))
+    group.add_argument("--refit_feedback", type=float, help=(
+        "share (0..1) of the drift from the dense model's residual stream that each layer's "
+        f"re-fit also corrects (default: {d.refit_feedback})"))
 
 
 def _add_data_flags(parser: argparse.ArgumentParser, d: PruneConfig) -> None:

@@ -14,6 +14,11 @@ produces (so earlier cuts are accounted for), computes the full intermediate act
    The ridge pulls toward the ORIGINAL weights, not toward zero: pulling toward zero overfits
    the calibration domain; pulling toward the original keeps what the model knew elsewhere.
 
+   With ``feedback`` β > 0 the target also corrects the drift that earlier cuts caused: a first
+   pass records the DENSE model's residual stream after each pruned layer, ``r + m``, and the
+   target becomes ``(1 - β) h Wᵀ + β (r + m - r̃)`` with ``r̃`` the pruned model's residual
+   before the MLP (what the layer would have to add to land where the dense model is).
+
 The MLP then runs with its new weights, so the next layer is fitted on the pruned model's output.
 """
 
@@ -44,7 +49,8 @@ def channel_obs_scores(gram: torch.Tensor, down_weight: torch.Tensor, ridge: flo
 
 
 def refit_down(gram: torch.Tensor, down_weight: torch.Tensor, kept: Sequence[int],
-               ridge: float) -> torch.Tensor:
+               ridge: float, drift: torch.Tensor | None = None, feedback: float = 0.0
+               ) -> torch.Tensor:
     """Least-squares down_proj (E, K) for the kept channels, pulled toward the original weights.
 
     Args:
@@ -52,6 +58,9 @@ def refit_down(gram: torch.Tensor, down_weight: torch.Tensor, kept: Sequence[int
         down_weight: (E, I) the original down_proj weight.
         kept: K channel indices.
         ridge: λ relative to the mean diagonal of ``C_KK``.
+        drift: (I, E) ``hᵀ (r + m - r̃ - h Wᵀ)``: how the activations correlate with what the
+            layer misses of the dense model's residual stream; used with ``feedback`` > 0.
+        feedback: β, the share of that drift the fit also corrects.
     """
     index = torch.as_tensor(list(kept), dtype=torch.long)
     w = down_weight.double().to(gram.device)
@@ -59,8 +68,35 @@ def refit_down(gram: torch.Tensor, down_weight: torch.Tensor, kept: Sequence[int
     lam = ridge * c_kk.diagonal().mean().clamp_min(1e-12)
     lhs = c_kk + lam * torch.eye(len(index), dtype=gram.dtype, device=gram.device)
     rhs = gram[index] @ w.T + lam * w[:, index].T  # (K, E)
+    if drift is not None and feedback:
+        rhs = rhs + feedback * drift[index]
     solution = torch.linalg.solve(lhs, rhs)
     return solution.T.to(down_weight.dtype)
+
+
+@torch.no_grad()
+def dense_residuals(model: nn.Module, calibration: torch.Tensor, layers: Sequence[int]
+                    ) -> dict[int, torch.Tensor]:
+    """(N, E) float32 residual stream after each of ``layers`` (attention and MLP added), from
+    one forward pass of the model as it is now (before any cut)."""
+    out: dict[int, torch.Tensor] = {}
+    all_layers = decoder_layers(model)
+    handles = []
+
+    def make_hook(index: int):
+        def hook(module, args, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            out[index] = hidden.reshape(-1, hidden.shape[-1]).float()
+        return hook
+
+    try:
+        for index in layers:
+            handles.append(all_layers[index].register_forward_hook(make_hook(index)))
+        model(calibration.to(next(model.parameters()).device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return out
 
 
 def _mlp_activations(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -74,6 +110,7 @@ def prune_mlp_compensated_(model: nn.Module, calibration: torch.Tensor,
                            channels_to_keep: Sequence[int], ridge: float = 0.1,
                            scores: dict[int, torch.Tensor] | None = None,
                            base_plan: PruningPlan | None = None, selection: str = "energy",
+                           feedback: float = 0.0,
                            progress: Callable[[int, int], None] | None = None) -> PruningPlan:
     """Cut MLP channels layer by layer and re-fit ``down_proj``; returns the plan applied.
 
@@ -83,19 +120,35 @@ def prune_mlp_compensated_(model: nn.Module, calibration: torch.Tensor,
         scores: optional per-layer channel scores; default is :func:`channel_energy`.
         base_plan: a plan already applied to the model's attention (kept groups are copied
             from it into the result so that one plan describes the whole model).
+        feedback: β in [0, 1], the share of the drift from the dense model's residual stream
+            that each layer's re-fit also corrects (module docstring); 0 = none.
     """
+    if not 0.0 <= feedback <= 1.0:
+        raise ValueError(f"feedback={feedback} must lie in [0, 1]")
     shapes = layout(model)  # after any attention cut; MLP widths are still the original ones
     plan = base_plan or identity_plan(shapes, "compensated")
     layers = decoder_layers(model)
     todo = [i for i, keep in enumerate(channels_to_keep) if keep < shapes[i].mlp_width]
     results: dict[int, LayerPlan] = {}
     handles = []
+    targets = dense_residuals(model, calibration, todo) if feedback else {}
+    before_mlp: dict[int, torch.Tensor] = {}  # r̃: the pruned model's residual before the MLP
+
+    def norm_hook(index: int):
+        def hook(module: nn.Module, args):
+            before_mlp[index] = args[0].reshape(-1, args[0].shape[-1])
+        return hook
 
     def make_hook(index: int):
         def hook(mlp: nn.Module, args):
             x = args[0]
             h = _mlp_activations(mlp, x)
             gram = h.T @ h
+            drift = None
+            if feedback:  # hᵀ (r + m - r̃ - h Wᵀ), in float64
+                missing = (targets.pop(index).double() - before_mlp.pop(index).double()
+                           - h @ mlp.down_proj.weight.double().T)
+                drift = h.T @ missing
             if scores is not None:
                 layer_scores = scores[index]
             elif selection == "obs":
@@ -103,7 +156,7 @@ def prune_mlp_compensated_(model: nn.Module, calibration: torch.Tensor,
             else:
                 layer_scores = channel_energy(gram, mlp.down_proj.weight)
             kept = top_k(layer_scores, channels_to_keep[index])
-            new_down = refit_down(gram, mlp.down_proj.weight, kept, ridge)
+            new_down = refit_down(gram, mlp.down_proj.weight, kept, ridge, drift, feedback)
             before = plan.layers[index]
             layer_plan = LayerPlan(before.layer, before.q_heads_before, before.kv_heads_before,
                                    before.head_dim, before.mlp_before, before.kept_kv_heads, kept)
@@ -121,6 +174,9 @@ def prune_mlp_compensated_(model: nn.Module, calibration: torch.Tensor,
     device = next(model.parameters()).device
     try:
         for index in todo:
+            if feedback:
+                handles.append(layers[index].post_attention_layernorm.register_forward_pre_hook(
+                    norm_hook(index)))
             handles.append(layers[index].mlp.register_forward_pre_hook(make_hook(index)))
         model(calibration.to(device), use_cache=False)
     finally:

@@ -62,6 +62,8 @@ class PruneConfig:
     # ridge least squares toward the original weights (see gqaprune_core.compensate).
     compensate: bool = False
     refit_ridge: float = 0.1
+    # share (0..1) of the drift from the dense model's residual stream each re-fit also corrects
+    refit_feedback: float = 0.0
     eval_datasets: tuple[str, ...] = ("demo", "pydoc")
     eval_seq_len: int = 512
     max_eval_windows: int | None = 24
@@ -95,6 +97,8 @@ class PruneConfig:
                              f"max_pruning_rate ({self.max_pruning_rate}) < 1")
         if self.channel_multiple < 1:
             raise ValueError(f"channel_multiple={self.channel_multiple} must be >= 1")
+        if not 0.0 <= self.refit_feedback <= 1.0:
+            raise ValueError(f"refit_feedback={self.refit_feedback} must lie in [0, 1]")
         if self.refit_ridge <= 0:
             raise ValueError(f"refit_ridge={self.refit_ridge} must be > 0")
         if self.alpha < 0:

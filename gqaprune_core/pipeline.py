@@ -184,7 +184,8 @@ def _prune(config: PruneConfig, model: nn.Module, calibration: torch.Tensor,
     plan = prune_model_(model, calibration, allocation.groups_to_keep, full_widths,
                         config.unit_importance, config.mode, config.seed)
     return prune_mlp_compensated_(model, calibration, allocation.channels_to_keep,
-                                  config.refit_ridge, base_plan=plan, progress=progress)
+                                  config.refit_ridge, base_plan=plan,
+                                  feedback=config.refit_feedback, progress=progress)
 
 
 def _recover(config: PruneConfig, model: nn.Module, teacher: nn.Module, tokenizer,

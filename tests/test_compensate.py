@@ -71,3 +71,28 @@ def test_compensation_keeps_an_attention_plan(make_tiny):
     plan = prune_mlp_compensated_(model, calibration, [40, 30, 40], base_plan=base)
     assert plan.layers[1].kept_kv_heads == (1,) and plan.layers[1].mlp == 30
     assert plan.layers[1].kv_heads_before == 2
+
+
+def test_feedback_pulls_the_residual_stream_toward_the_dense_model(make_tiny):
+    """With feedback 1 each layer's re-fit also corrects the drift earlier cuts caused, so the
+    last hidden states on the calibration data land closer to the dense model's."""
+    dense = make_tiny("qwen2_bias")
+    calibration = torch.randint(0, 97, (8, 24), generator=torch.Generator().manual_seed(6))
+    keep = [20, 20, 20]
+    errors = {}
+    for feedback in (0.0, 1.0):
+        model = copy.deepcopy(dense)
+        plan = prune_mlp_compensated_(model, calibration, keep, ridge=0.01, feedback=feedback)
+        assert [lp.mlp for lp in plan.layers] == keep
+        with torch.no_grad():
+            hidden = model.model(calibration).last_hidden_state
+            errors[feedback] = (hidden - dense.model(calibration).last_hidden_state).pow(2).mean()
+    assert errors[1.0] < errors[0.0]
+
+
+def test_feedback_out_of_range_is_refused(make_tiny):
+    import pytest
+
+    with pytest.raises(ValueError, match="feedback=1.5"):
+        prune_mlp_compensated_(make_tiny(), torch.zeros(1, 4, dtype=torch.long), [40, 40, 40],
+                               feedback=1.5)
