@@ -37,25 +37,26 @@ FIT_FRACTION = 0.7
 LICENSES = Path("/usr/share/common-licenses")
 BASE = PRESETS["default"]
 
-# name -> (fit corpus, PruneConfig changes from the default preset). "nw" fits on news + wiki
-# and leaves pydoc and the licenses unseen; "all" fits on news + wiki + pydoc.
-NW, ALL = "sel-demo+sel-wiki", "sel-demo+sel-wiki+sel-pydoc"
+# name -> (fit corpus, PruneConfig changes from the default preset). Fit corpora: "dp" news +
+# pydoc (wiki and licenses unseen), "dpw" news + pydoc + wiki (licenses unseen), "nw" news + wiki
+# (pydoc and licenses unseen), "news" alone; mixtures draw equal shares of windows per source.
+DP, DPW, NW = "sel-demo+sel-pydoc", "sel-demo+sel-pydoc+sel-wiki", "sel-demo+sel-wiki"
 VARIANTS: dict[str, tuple[str, dict]] = {
+    "dp/32": (DP, {}),
+    "dpw/32": (DPW, {}),
+    "dpw/128": (DPW, {"num_examples": 128}),
+    "dpw/128/feedback-0.5": (DPW, {"num_examples": 128, "refit_feedback": 0.5}),
+    "dpw/128/ridge-0.3": (DPW, {"num_examples": 128, "refit_ridge": 0.3}),
+    "dpw/128/alpha-3": (DPW, {"num_examples": 128, "alpha": 3.0}),
     "nw/ridge-0.1": (NW, {"refit_ridge": 0.1}),
-    "nw/ridge-1": (NW, {"refit_ridge": 1.0}),
     "nw/ridge-0.3": (NW, {"refit_ridge": 0.3}),
-    "nw/ridge-3": (NW, {"refit_ridge": 3.0}),
+    "nw/ridge-1": (NW, {"refit_ridge": 1.0}),
     "nw/uniform": (NW, {"pruning_strategy": "uniform"}),
-    "nw/alpha-1": (NW, {"alpha": 1.0}),
     "nw/max-0.5": (NW, {"max_pruning_rate": 0.5}),
     "nw/128x256": (NW, {"num_examples": 128}),
-    "nw/no-refit": (NW, {"compensate": False, "unit_importance": "taylor"}),
     "nw/feedback-0.5": (NW, {"refit_feedback": 0.5}),
-    "nw/feedback-1": (NW, {"refit_feedback": 1.0}),
-    "nw/alpha-3": (NW, {"alpha": 3.0}),
-    "nw/128x256/feedback-0.5": (NW, {"num_examples": 128, "refit_feedback": 0.5}),
+    "nw/no-refit": (NW, {"compensate": False, "unit_importance": "taylor"}),
     "news/ridge-0.1": ("sel-demo", {"refit_ridge": 0.1}),
-    "all/ridge-0.1": (ALL, {"refit_ridge": 0.1}),
 }
 
 
@@ -78,9 +79,7 @@ def install(corpora: dict[str, data.Corpus]) -> None:
 
     def load(name: str, calibration_fraction: float = 0.5) -> data.Corpus:
         if "+" in name and all(part in corpora for part in name.split("+")):
-            parts = [corpora[part] for part in name.split("+")]
-            return data.Corpus(name, tuple(d for p in parts for d in p.calibration),
-                               tuple(d for p in parts for d in p.evaluation))
+            return data.mixture([corpora[part] for part in name.split("+")])
         return corpora[name] if name in corpora else original(name, calibration_fraction)
 
     data.load_corpus = load

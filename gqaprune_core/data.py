@@ -9,7 +9,8 @@ Named sources:
   in gensim's test data, markup stripped (:mod:`gqaprune_core.wiki`); no network.
 - ``wikitext2``, ``ptb``, ``c4``: through ``datasets``; they need the network or a local cache.
 - any local ``.txt`` file: documents are separated by blank lines.
-- ``a+b``: a mixture, e.g. ``demo+pydoc``; each part keeps its own split.
+- ``a+b``: a mixture, e.g. ``demo+pydoc``; each part keeps its own split, and calibration
+  windows come from the parts in equal shares.
 
 The split is by document: the first ``calibration_fraction`` of a source's documents calibrate,
 the rest evaluate, so no text is both. For ``datasets`` sources the dataset's own train and
@@ -35,11 +36,13 @@ class CorpusError(ValueError):
 
 @dataclass(frozen=True)
 class Corpus:
-    """A named source with disjoint calibration and evaluation documents."""
+    """A named source with disjoint calibration and evaluation documents; a mixture also
+    keeps its ``parts`` so that calibration windows can be drawn from each in equal shares."""
 
     name: str
     calibration: tuple[str, ...]
     evaluation: tuple[str, ...]
+    parts: tuple[Corpus, ...] = ()
 
     def text(self, part: str) -> str:
         if part not in ("calibration", "evaluation"):
@@ -125,9 +128,7 @@ _HF_SOURCES: dict[str, Callable[[], Corpus]] = {
 def load_corpus(name: str, calibration_fraction: float = 0.5) -> Corpus:
     """Load a named corpus, a ``.txt`` path, or a ``+``-joined mixture of them."""
     if "+" in name:
-        parts = [load_corpus(part, calibration_fraction) for part in name.split("+")]
-        return Corpus(name, tuple(d for p in parts for d in p.calibration),
-                      tuple(d for p in parts for d in p.evaluation))
+        return mixture([load_corpus(part, calibration_fraction) for part in name.split("+")])
     if name == "demo":
         return _split(name, _demo_documents(), calibration_fraction)
     if name == "pydoc":
@@ -144,6 +145,13 @@ def load_corpus(name: str, calibration_fraction: float = 0.5) -> Corpus:
         return _split(path.stem, documents, calibration_fraction)
     raise CorpusError(f"unknown corpus {name!r}: use one of {', '.join(BUILTIN_CORPORA)}, "
                       "a path to a .txt file, or a mixture like 'demo+pydoc'")
+
+
+def mixture(parts: list[Corpus]) -> Corpus:
+    """Sources joined: evaluation texts concatenated, calibration windows drawn from each part
+    in equal shares (see :func:`calibration_batch`)."""
+    return Corpus("+".join(p.name for p in parts), tuple(d for p in parts for d in p.calibration),
+                  tuple(d for p in parts for d in p.evaluation), tuple(parts))
 
 
 def tokenize_documents(tokenizer, documents: tuple[str, ...]) -> torch.Tensor:
@@ -172,9 +180,18 @@ def calibration_batch(tokenizer, corpus: str | Corpus, num_samples: int = 10, se
                       seed: int = 0) -> torch.Tensor:
     """``(num_samples, seq_len)`` token ids drawn at seeded random offsets of the calibration part.
 
-    Like the original ``get_examples``: random windows of the calibration text.
+    Like the original ``get_examples``: random windows of the calibration text. A mixture gives
+    each of its sources an equal share of the windows (the first sources one more when
+    ``num_samples`` does not divide), whatever their sizes, in a seeded random row order.
     """
     corpus = load_corpus(corpus) if isinstance(corpus, str) else corpus
+    if corpus.parts:
+        count = len(corpus.parts)
+        shares = [num_samples // count + (i < num_samples % count) for i in range(count)]
+        rows = torch.cat([calibration_batch(tokenizer, part, share, seq_len, seed + i)
+                          for i, (part, share) in enumerate(zip(corpus.parts, shares)) if share])
+        order = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(seed))
+        return rows[order]
     tokens = _part_tokens(tokenizer, corpus, "calibration")
     if tokens.numel() <= seq_len:
         raise CorpusError(f"corpus {corpus.name!r} calibration part has {tokens.numel()} tokens, "

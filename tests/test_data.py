@@ -25,6 +25,20 @@ def test_mixture_keeps_each_split(tmp_path):
     assert not set(mix.calibration) & set(mix.evaluation)
 
 
+def test_mixture_draws_calibration_windows_from_each_source_equally(tmp_path, tiny_tokenizer):
+    """A small source next to a large one still gets half the windows."""
+    small, large = tmp_path / "small.txt", tmp_path / "large.txt"
+    small.write_text("\n\n".join("aaaa " * (4 + i) for i in range(4)))  # distinct documents
+    large.write_text("\n\n".join("zzzz " * (100 + i) for i in range(40)))
+    batch = calibration_batch(tiny_tokenizer, f"{small}+{large}", num_samples=9, seq_len=8, seed=0)
+    texts = [tiny_tokenizer.decode(row) for row in batch]
+    from_small = sum("a" in t for t in texts)
+    assert from_small == 5 and sum("z" in t for t in texts) == 4  # 9 = 5 + 4, first source first
+    assert [("a" in t) for t in texts] != [True] * 5 + [False] * 4  # rows are shuffled
+    again = calibration_batch(tiny_tokenizer, f"{small}+{large}", num_samples=9, seq_len=8, seed=0)
+    assert torch.equal(batch, again)
+
+
 def test_text_file_corpus(tmp_path):
     path = tmp_path / "notes.txt"
     path.write_text("\n\n".join(f"Document number {i} says hello." for i in range(10)))
