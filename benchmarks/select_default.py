@@ -48,6 +48,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "dpw/128/feedback-0.5": (DPW, {"num_examples": 128, "refit_feedback": 0.5}),
     "dpw/128/ridge-0.3": (DPW, {"num_examples": 128, "refit_ridge": 0.3}),
     "dpw/128/alpha-3": (DPW, {"num_examples": 128, "alpha": 3.0}),
+    "dpw/256": (DPW, {"num_examples": 256}),
+    "dpw/128/multiple-8": (DPW, {"num_examples": 128, "channel_multiple": 8}),
     "nw/ridge-0.1": (NW, {"refit_ridge": 0.1}),
     "nw/ridge-0.3": (NW, {"refit_ridge": 0.3}),
     "nw/ridge-1": (NW, {"refit_ridge": 1.0}),

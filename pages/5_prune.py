@@ -65,14 +65,21 @@ def run_settings() -> tuple[PruneConfig, str, int] | None:
         mode = b.selectbox("Mode", MODES, index=index_of(MODES, preset.mode), key="run_mode",
                            help="sequential: layers scored and cut one at a time (the original); "
                                 "one-shot: one gradient pass scores all layers.")
-        corpora = c.multiselect("Evaluate perplexity on", ["demo", "pydoc"], default=["demo"],
-                                key="run_corpora", help="demo: news; pydoc: Python docs. "
-                                                        "Empty: no evaluation.")
+        corpora = c.multiselect("Evaluate perplexity on", ["demo", "pydoc", "wiki"],
+                                default=["demo"], key="run_corpora",
+                                help="Evaluation parts (never calibrated on). demo: news; pydoc: "
+                                     "Python docs; wiki: Wikipedia articles. Empty: no evaluation.")
+        # The re-fit of a compensating preset is one forward pass and needs its data: keep the
+        # preset's calibration size unless in quick mode.
+        calibration_size = ((preset.num_examples, preset.seq_len)
+                            if preset.compensate and not _ui.quick()
+                            else (d["num_examples"], d["seq_len"]))
         with st.expander("Sample counts and generation (small defaults for a CPU)"):
             a, b, c = st.columns(3)
-            examples = a.number_input("Calibration windows", 1, 512, d["num_examples"],
-                                      key="run_examples", help="For Taylor / activation scores.")
-            seq_len = a.number_input("Tokens per calibration window", 8, 2048, d["seq_len"],
+            examples = a.number_input("Calibration windows", 1, 512, calibration_size[0],
+                                      key="run_examples",
+                                      help="For unit scores and the down_proj re-fit.")
+            seq_len = a.number_input("Tokens per calibration window", 8, 2048, calibration_size[1],
                                      step=8, key="run_seq_len")
             eval_len = b.number_input("Evaluation window (tokens)", 16, 4096, d["eval_seq_len"],
                                       step=16, key="run_eval_len")
