@@ -221,7 +221,9 @@ def plot(data: dict, path: Path) -> Path:
     for axis, corpus in zip(axes[0], corpora):
         for method in methods:
             points = sorted((e["ratio"], e["ppl_ratio"][corpus]) for e in data["results"]
-                            if e["method"] == method and "ppl" in e)
+                            if e["method"] == method and corpus in e.get("ppl_ratio", {}))
+            if not points:
+                continue
             axis.plot([100 * x for x, _ in points], [y for _, y in points], marker="o",
                       label=method, linestyle="--" if method == "naive-heads" else "-")
         dense = data["dense"]["ppl"][corpus]
@@ -240,29 +242,43 @@ def plot(data: dict, path: Path) -> Path:
     return path
 
 
-def table(paths: list[Path]) -> str:
-    """A markdown table of every evaluated entry in ``paths`` (later files win on the same
-    method and ratio), sorted by budget, then by the geometric mean of the ratios."""
-    entries, dense = {}, None
+def merged(paths: list[Path]) -> dict:
+    """Result files merged (later files win on the same method and ratio): the first file's
+    dense entry and settings, only evaluated entries, tagged with their file name."""
+    entries, first = {}, None
     for path in paths:
         data = read_json(path)
-        dense = dense or data["dense"]
+        first = first or data
         for entry in data["results"]:
             if "ppl" in entry:
                 entries[(entry["ratio"], entry["method"])] = entry | {"file": path.name}
-    corpora = list(dense["ppl"])
+    return first | {"results": list(entries.values())}
+
+
+def table(paths: list[Path]) -> str:
+    """A markdown table of every evaluated entry in ``paths`` (see :func:`merged`), sorted by
+    budget, then by the geometric mean of the ratios over the corpora every entry has."""
+    data = merged(paths)
+    corpora = [c for c in data["dense"]["ppl"]
+               if all(c in e["ppl_ratio"] for e in data["results"])]
+    extra = sorted({c for e in data["results"] for c in e["ppl_ratio"]} - set(corpora))
     head = ["removed (of all)", "method", "params after",
-            *[f"{c} ppl (x dense)" for c in corpora], "geo-mean ratio", "prune s", "file"]
+            *[f"{c} ppl (x dense)" for c in corpora + extra], "geo-mean ratio", "prune s", "file"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def geo(entry):
         ratios = [entry["ppl_ratio"][c] for c in corpora]
         return math.exp(sum(map(math.log, ratios)) / len(ratios))
 
-    for (ratio, method), entry in sorted(entries.items(), key=lambda kv: (kv[0][0], geo(kv[1]))):
-        cells = [f"{ratio:.0%}", method, f"{entry['params']:,}",
-                 *[f"{entry['ppl'][c]['value']:,.2f} ({entry['ppl_ratio'][c]:,.2f})" for c in corpora],
-                 f"{geo(entry):,.2f}", f"{entry['prune_s']:,.0f}", entry["file"]]
+    def cell(entry, corpus):
+        if corpus not in entry["ppl"]:
+            return "-"
+        return f"{entry['ppl'][corpus]['value']:,.2f} ({entry['ppl_ratio'][corpus]:,.2f})"
+
+    for entry in sorted(data["results"], key=lambda e: (e["ratio"], geo(e))):
+        cells = [f"{entry['ratio']:.0%}", entry["method"], f"{entry['params']:,}",
+                 *[cell(entry, c) for c in corpora + extra], f"{geo(entry):,.2f}",
+                 f"{entry['prune_s']:,.0f}", entry["file"]]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
@@ -295,6 +311,8 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--table", nargs="+", type=Path, metavar="JSON",
                         help="print a markdown table of these result files and exit")
+    parser.add_argument("--plot-from", nargs="+", type=Path, metavar="JSON",
+                        help="plot these result files merged into --out's .png and exit")
     args = parser.parse_args(argv)
     if args.quick:
         explicit = set(argv if argv is not None else sys.argv[1:])
@@ -316,6 +334,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.table:
         print(table(args.table))
+        return {}
+    if args.plot_from:
+        print(plot(merged(args.plot_from), args.out.with_suffix(".png")))
         return {}
     set_threads(args.threads)
     started = time.perf_counter()
