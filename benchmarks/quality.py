@@ -70,7 +70,10 @@ def method_config(method: str, ratio: float, args) -> tuple[PruneConfig, list[st
                               mode="one-shot", min_pruning_rate=0.0, max_pruning_rate=0.9,
                               group_rounding="across")
     elif method == "naive-heads":
-        config = config.with_(unit_importance="naive-heads")
+        # Groups' worth of heads rounded across layers, so that most layers lose heads (with the
+        # original's per-layer rounding no layer reaches one group's share at these budgets,
+        # and naive-heads would cut no head at all).
+        config = config.with_(unit_importance="naive-heads", group_rounding="across")
     overrides = {name: value for name, value in (
         ("importance_samples", args.importance_samples), ("importance_seq_len", args.importance_seq_len),
         ("num_examples", args.examples), ("seq_len", args.example_seq_len)) if value is not None}
