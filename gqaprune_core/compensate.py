@@ -74,6 +74,13 @@ def refit_down(gram: torch.Tensor, down_weight: torch.Tensor, kept: Sequence[int
     return solution.T.to(down_weight.dtype)
 
 
+def _decoder(model: nn.Module) -> nn.Module:
+    """The decoder stack without the LM head when the model has the usual layout: the hooks
+    need the layers only, and the logits of one 128 x 256 batch would take 6.4 GB (demo
+    vocabulary, float32) for nothing."""
+    return model.model if hasattr(model, "model") else model
+
+
 @torch.no_grad()
 def dense_residuals(model: nn.Module, calibration: torch.Tensor, layers: Sequence[int]
                     ) -> dict[int, torch.Tensor]:
@@ -92,7 +99,7 @@ def dense_residuals(model: nn.Module, calibration: torch.Tensor, layers: Sequenc
     try:
         for index in layers:
             handles.append(all_layers[index].register_forward_hook(make_hook(index)))
-        model(calibration.to(next(model.parameters()).device), use_cache=False)
+        _decoder(model)(calibration.to(next(model.parameters()).device), use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
@@ -178,7 +185,7 @@ def prune_mlp_compensated_(model: nn.Module, calibration: torch.Tensor,
                 handles.append(layers[index].post_attention_layernorm.register_forward_pre_hook(
                     norm_hook(index)))
             handles.append(layers[index].mlp.register_forward_pre_hook(make_hook(index)))
-        model(calibration.to(device), use_cache=False)
+        _decoder(model)(calibration.to(device), use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
