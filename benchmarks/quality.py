@@ -222,13 +222,15 @@ def plot(data: dict, path: Path) -> Path:
     figure, axes = plt.subplots(1, len(corpora), figsize=(6 * len(corpora), 4.5), squeeze=False)
     methods = [m for m in METHODS if any(e["method"] == m and "ppl" in e for e in data["results"])]
     for axis, corpus in zip(axes[0], corpora):
-        for method in methods:
+        for number, method in enumerate(methods):
             points = sorted((e["ratio"], e["ppl_ratio"][corpus]) for e in data["results"]
                             if e["method"] == method and corpus in e.get("ppl_ratio", {}))
             if not points:
                 continue
-            axis.plot([100 * x for x, _ in points], [y for _, y in points], marker="o",
-                      label=method, linestyle="--" if method == "naive-heads" else "-")
+            # 10 colours cycle: later methods get square markers and dotted lines
+            axis.plot([100 * x for x, _ in points], [y for _, y in points],
+                      marker="os"[number // 10 % 2], label=method,
+                      linestyle="--" if method == "naive-heads" else "-:"[number // 10 % 2])
         dense = data["dense"]["ppl"][corpus]
         axis.set_yscale("log")
         axis.set_xticks(sorted({100 * e["ratio"] for e in data["results"]}))
