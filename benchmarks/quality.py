@@ -310,7 +310,8 @@ def parse_args(argv: list[str] | None = None):
                         help="default+lora's time budget in seconds")
     parser.add_argument("--threads", type=int)
     parser.add_argument("--quick", action="store_true",
-                        help="20 %% only, 4 windows, 4 methods, 16 importance samples")
+                        help="20 %% only, 4 windows, 4 methods, 16 importance samples and "
+                        "16 calibration windows")
     parser.add_argument("--resume", action="store_true", help="skip entries already in --out")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--no-plot", action="store_true")
@@ -325,6 +326,7 @@ def parse_args(argv: list[str] | None = None):
         args.methods = ",".join(QUICK_METHODS) if "--methods" not in explicit else args.methods
         args.windows = 4 if "--windows" not in explicit else args.windows
         args.importance_samples = args.importance_samples or 16
+        args.examples = args.examples or 16  # the default preset's 128 windows take minutes
     if args.out is None:
         args.out = RESULTS_DIR / ("quality_quick.json" if args.quick else "quality.json")
     args.ratio_list = [float(r) for r in args.ratios.split(",")]
