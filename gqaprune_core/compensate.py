@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from gqaprune_core.models import decoder_layers, layout
+from gqaprune_core.models import decoder_layers, layer_output, layout
 from gqaprune_core.plan import LayerPlan, PruningPlan, identity_plan, top_k
 from gqaprune_core.surgery import cut_layer_, sync_config_, validate
 
@@ -92,7 +92,7 @@ def dense_residuals(model: nn.Module, calibration: torch.Tensor, layers: Sequenc
 
     def make_hook(index: int):
         def hook(module, args, output):
-            hidden = output[0] if isinstance(output, tuple) else output
+            hidden = layer_output(output)
             out[index] = hidden.reshape(-1, hidden.shape[-1]).float()
         return hook
 

@@ -39,7 +39,7 @@ from torch.nn import functional as F
 
 from gqaprune_core.data import calibration_batch
 from gqaprune_core.evaluate import nll_from_hidden
-from gqaprune_core.models import cache_dir, decoder_layers
+from gqaprune_core.models import cache_dir, decoder_layers, layer_output
 
 Method = Literal["removal", "activation", "block_influence"]
 METHODS: tuple[str, ...] = ("removal", "activation", "block_influence")
@@ -68,11 +68,6 @@ class LayerImportance:
 # running layers by hand
 
 
-def _first_output(output: Any) -> torch.Tensor:
-    """A decoder layer's hidden state (B, T, E): a tensor, or the first item of a tuple."""
-    return output[0] if isinstance(output, tuple) else output
-
-
 def _hidden_input(args: tuple, kwargs: dict) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
@@ -88,8 +83,8 @@ class _LayerCall:
     def run(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         """Call ``layer`` as the model did, on ``hidden`` instead of the recorded input."""
         if self.args:
-            return _first_output(layer(hidden, *self.args[1:], **self.kwargs))
-        return _first_output(layer(**(self.kwargs | {"hidden_states": hidden})))
+            return layer_output(layer(hidden, *self.args[1:], **self.kwargs))
+        return layer_output(layer(**(self.kwargs | {"hidden_states": hidden})))
 
 
 def _record_calls(model: nn.Module, ids: torch.Tensor) -> tuple[list[_LayerCall], torch.Tensor]:
@@ -162,7 +157,7 @@ def _hooked_means(model: nn.Module, batches: Sequence[torch.Tensor], method: Met
 
     def make_hook(index: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            out = _first_output(output).float()
+            out = layer_output(output).float()
             if method == "activation":
                 per_token = torch.linalg.vector_norm(out, dim=-1)
             else:

@@ -77,6 +77,12 @@ def pick_dtype(device: torch.device, dtype: str | torch.dtype | None = None) -> 
     return names[dtype]
 
 
+def layer_output(output) -> torch.Tensor:
+    """A decoder layer's hidden state (B, T, E) from what it returned: a tensor, or the first
+    item of a tuple (transformers versions differ)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder layers of a Llama-family causal LM (``model.model.layers``)."""
     inner = getattr(model, "model", None)
