@@ -133,3 +133,14 @@ def test_forward_flops_counts_weights_twice_per_token(make_tiny):
     shape = layout(model)[0]
     attention = 3 * 2 * 10 ** 2 * shape.q_heads * shape.head_dim  # 3 layers, 2 x T^2 x H x D
     assert speed.forward_flops(model, 10, 1) == pytest.approx(2 * 10 * weights + attention)
+
+
+def test_quick_mode_keeps_the_original_sequential_and_shrinks_samples():
+    args = quality.parse_args(["--quick"])
+    assert (args.ratio_list, args.windows, args.importance_samples, args.examples) == ([0.2], 4, 8, 8)
+    assert args.method_list == list(quality.QUICK_METHODS)
+    original, _ = quality.method_config("original", 0.2, args)
+    naive, notes = quality.method_config("naive-heads", 0.2, args)
+    assert original.mode == "sequential" and naive.mode == "one-shot"
+    assert any("one-shot" in note for note in notes)
+    assert quality.method_config("naive-heads", 0.2, quality.parse_args([]))[0].mode == "sequential"
