@@ -5,6 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from gqaprune_core import app_support as support
+from gqaprune_core import jobs
 from gqaprune_core.models import layout
 from pages import _charts, _ui
 
@@ -99,7 +100,7 @@ with st.form("group_scores_form", border=False):
 if start:
     model, tokenizer = loaded.model, loaded.tokenizer
 
-    def work(job: support.Job) -> support.HeadScores:
+    def work(job: jobs.Job) -> support.HeadScores:
         return support.taylor_head_scores(model, tokenizer, "demo", int(samples), int(seq_len),
                                           progress=lambda d, t: job.progress("taylor", d, t))
 

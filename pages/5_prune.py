@@ -5,6 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from gqaprune_core import app_support as support
+from gqaprune_core import jobs
 from gqaprune_core.config import MODES, PRESETS, RECOVERY_METHODS, UNIT_METHODS, PruneConfig
 from pages import _charts, _ui
 
@@ -133,7 +134,7 @@ def start_run(config: PruneConfig, prompt: str, tokens: int) -> None:
     model, tokenizer = loaded.model, loaded.tokenizer
     scores = importance
 
-    def work(job: support.Job) -> support.PruneRun:
+    def work(job: jobs.Job) -> support.PruneRun:
         return support.prune_job(config, model, tokenizer, scores, prompt, tokens, job.progress)
 
     _ui.submit("prune", work)

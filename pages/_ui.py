@@ -20,6 +20,7 @@ from typing import Any
 import streamlit as st
 
 from gqaprune_core import app_support as support
+from gqaprune_core import jobs
 
 MODEL_PAGE = "pages/1_model.py"
 IMPORTANCE_PAGE = "pages/3_layer_importance.py"
@@ -168,7 +169,7 @@ def _sidebar_jobs() -> None:
 def _job_notes() -> None:
     """One line per job of this session that runs, or ended and waits to be looked at."""
     for name, label in JOB_TITLES.items():
-        job = support.JOBS.get(owner(), name)
+        job = jobs.JOBS.get(owner(), name)
         if job is None:
             continue
         if job.running:
@@ -185,11 +186,11 @@ def finished_result(name: str) -> Any:
     While the job runs, shows its progress (polled every second). A failure is shown as an
     error, which stays until the next job of that name starts.
     """
-    job = support.JOBS.get(owner(), name)
+    job = jobs.JOBS.get(owner(), name)
     if job is not None and job.running:
         _poll(name)
         return None
-    job = support.JOBS.pop(owner(), name)
+    job = jobs.JOBS.pop(owner(), name)
     if job is not None and job.error:
         st.session_state[f"_failed_{name}"] = job
     failed = st.session_state.get(f"_failed_{name}")
@@ -202,7 +203,7 @@ def finished_result(name: str) -> Any:
 
 @st.fragment(run_every=1.0)
 def _poll(name: str) -> None:
-    job = support.JOBS.get(owner(), name)
+    job = jobs.JOBS.get(owner(), name)
     if job is None or not job.running:
         st.rerun()  # a full rerun lets the page collect the result
     stage = STAGES.get(job.stage, job.stage)
@@ -212,14 +213,14 @@ def _poll(name: str) -> None:
 
 
 def job_running(name: str) -> bool:
-    job = support.JOBS.get(owner(), name)
+    job = jobs.JOBS.get(owner(), name)
     return job is not None and job.running
 
 
 def submit(name: str, work) -> None:
     """Start a background job; show the refusal if one of that name is running."""
     try:
-        support.JOBS.submit(owner(), name, work)
+        jobs.JOBS.submit(owner(), name, work)
     except RuntimeError as err:
         st.warning(str(err))
     else:
@@ -234,7 +235,7 @@ def start_importance(loaded: Loaded, method: str, corpus: str, samples: int,
 
     model, tokenizer, source = loaded.model, loaded.tokenizer, loaded.source
 
-    def work(job: support.Job):
+    def work(job: jobs.Job):
         job.progress("calibration", 0, 1)
         files = cache_dir() / "importance"
         with support.SHARED_MODEL_LOCK:  # hooks on the shared model: one such job at a time

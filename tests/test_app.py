@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from gqaprune_core import app_support
-from gqaprune_core.app_support import JobRegistry, head_mapping
+from gqaprune_core import app_support, jobs
+from gqaprune_core.app_support import head_mapping
+from gqaprune_core.jobs import JobRegistry
 from gqaprune_core.config import PRESETS
 from gqaprune_core.models import count_parameters, layout, load_model
 
@@ -30,7 +31,7 @@ def app(monkeypatch, tmp_path) -> AppTest:
     monkeypatch.setenv("GQAPRUNE_APP_QUICK", "1")
     monkeypatch.setenv("GQAPRUNE_CACHE", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)  # Export writes under ./prune_log
-    monkeypatch.setattr(app_support.JOBS, "synchronous", True)
+    monkeypatch.setattr(jobs.JOBS, "synchronous", True)
     at = AppTest.from_file(APP, default_timeout=60)
     at.run()
     assert not at.exception
