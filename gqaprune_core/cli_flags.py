@@ -183,8 +183,8 @@ def _add_recovery_flags(parser: argparse.ArgumentParser, d: PruneConfig) -> None
     group.add_argument("--recovery_seq_len", type=int, help=(
         f"tokens per window (default: {d.recovery_seq_len})"))
     group.add_argument("--recovery_samples", type=int, help=(
-        "calibration windows to cycle through, drawn apart from the pruning's (default: "
-        f"{d.recovery_samples})"))
+        "calibration windows to cycle through, drawn apart from the pruning's (default: one "
+        "per step and batch row, so that no window is seen twice)"))
 
 
 def _add_output_flags(parser: argparse.ArgumentParser) -> None:

@@ -70,15 +70,17 @@ class PruneConfig:
     # Optional recovery after pruning (gqaprune_core.recovery): distillation from the dense
     # model by LoRA (merged back) or by training every decoder-layer weight, on windows of the
     # calibration corpus other than the pruning's. Stops after recovery_steps steps or
-    # recovery_time_s seconds, whichever comes first (CPU: ~30 s per step of 4 x 256 tokens on
-    # the demo model, one thread). recovery_lr None: the method's RECOVERY_DEFAULT_LR.
+    # recovery_time_s seconds, whichever comes first (CPU: ~13 s per LoRA step of 4 x 256
+    # tokens on the demo model, 2 threads). recovery_lr None: the method's RECOVERY_DEFAULT_LR.
+    # recovery_samples None: recovery_steps x recovery_batch_size windows, so that no step
+    # sees a window twice (see recovery_windows).
     recovery: Recovery = "none"
     recovery_steps: int = 100
     recovery_time_s: float = 600.0
     recovery_lr: float | None = None
     recovery_batch_size: int = 4
     recovery_seq_len: int = 256
-    recovery_samples: int = 256
+    recovery_samples: int | None = None
     seed: int = 0
     device: str = "auto"
     dtype: str | None = None
@@ -121,11 +123,20 @@ class PruneConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
         if self.recovery_lr is not None and not self.recovery_lr > 0:
             raise ValueError(f"recovery_lr={self.recovery_lr} must be > 0")
-        for name in ("recovery_batch_size", "recovery_samples"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.recovery_batch_size < 1:
+            raise ValueError(f"recovery_batch_size={self.recovery_batch_size} must be >= 1")
+        if self.recovery_samples is not None and self.recovery_samples < 1:
+            raise ValueError(f"recovery_samples={self.recovery_samples} must be >= 1 (or None: "
+                             "one window per step and batch row)")
         if self.recovery_seq_len < 2:
             raise ValueError(f"recovery_seq_len={self.recovery_seq_len} must be >= 2")
+
+    def recovery_windows(self) -> int:
+        """Calibration windows recovery draws: ``recovery_samples``, or when None one per step
+        and batch row (``recovery_steps x recovery_batch_size``, at least 1)."""
+        if self.recovery_samples is not None:
+            return self.recovery_samples
+        return max(1, self.recovery_steps * self.recovery_batch_size)
 
     def to_dict(self) -> dict:
         return asdict(self)

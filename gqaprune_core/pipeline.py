@@ -193,7 +193,7 @@ def _recover(config: PruneConfig, model: nn.Module, teacher: nn.Module, tokenize
     """Distil ``teacher`` into the pruned ``model`` on calibration windows other than the
     pruning's (seed + 1), within the configured steps and time."""
     with _timed(timings, "recover"):
-        tokens = calibration_batch(tokenizer, config.calibration_dataset, config.recovery_samples,
+        tokens = calibration_batch(tokenizer, config.calibration_dataset, config.recovery_windows(),
                                    config.recovery_seq_len, config.seed + 1)
         report = recover_(model, teacher, tokens, method=config.recovery,
                           steps=config.recovery_steps, lr=config.recovery_lr,

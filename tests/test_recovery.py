@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from gqaprune_core.config import PruneConfig
+from gqaprune_core.data import calibration_batch
 from gqaprune_core.models import layout, load_model
 from gqaprune_core.pipeline import run_pipeline
 from gqaprune_core.plan import LayerPlan, identity_plan
@@ -160,10 +161,18 @@ def test_bad_arguments_are_named(teacher_student, windows, kwargs, message):
     ({"recovery_lr": -1e-4}, "recovery_lr=-0.0001"),
     ({"recovery_batch_size": 0}, "recovery_batch_size=0"),
     ({"recovery_seq_len": 1}, "recovery_seq_len=1"),
+    ({"recovery_samples": 0}, "recovery_samples=0"),
 ])
 def test_bad_recovery_settings_are_named(changes, message):
     with pytest.raises(ValueError, match=message):
         PruneConfig(**changes)
+
+
+def test_recovery_draws_one_window_per_step_and_row_unless_told():
+    config = PruneConfig(recovery="lora", recovery_steps=7, recovery_batch_size=3)
+    assert config.recovery_samples is None and config.recovery_windows() == 21
+    assert config.with_(recovery_samples=5).recovery_windows() == 5
+    assert config.with_(recovery_steps=0).recovery_windows() == 1
 
 
 def test_presets_leave_recovery_off():
@@ -176,7 +185,7 @@ SMALL = {"base_model": "tiny", "importance_samples": 4, "importance_seq_len": 16
          "importance_method": "activation", "num_examples": 4, "seq_len": 24,
          "eval_seq_len": 32, "max_eval_windows": 2, "eval_datasets": ("demo",),
          "pruning_ratio": 0.3, "min_pruning_rate": 0.0, "prune_mlp": True,
-         "recovery_steps": 3, "recovery_seq_len": 32, "recovery_samples": 6,
+         "recovery_steps": 3, "recovery_seq_len": 32, "recovery_samples": 5,
          "recovery_batch_size": 2, "recovery_lr": 1e-2}
 
 
@@ -194,8 +203,13 @@ def test_pipeline_reports_perplexity_after_pruning_and_after_recovery(copy_model
         return recover_(student, teacher, tokens, **kwargs)
 
     monkeypatch.setattr("gqaprune_core.pipeline.recover_", recover_spy)
+    drawn = []
+    monkeypatch.setattr("gqaprune_core.pipeline.calibration_batch",
+                        lambda *args, **kw: drawn.append(args[2]) or calibration_batch(*args, **kw))
     stages = []
-    result = run_pipeline(PruneConfig(**SMALL, recovery="lora"), model, tokenizer,
+    # copied: 5 windows as configured; in place: None, one window per step and batch row
+    config = PruneConfig(**SMALL, recovery="lora").with_(recovery_samples=5 if copy_model else None)
+    result = run_pipeline(config, model, tokenizer,
                           copy_model=copy_model, progress=lambda s, d, t: stages.append((s, d, t)))
     report = result.report
     recovery = report["recovery"]
@@ -207,7 +221,9 @@ def test_pipeline_reports_perplexity_after_pruning_and_after_recovery(copy_model
     assert pruned != final and result.ppl_after_pruning[0].value == pruned
     assert {"prune", "recover", "evaluate_after", "evaluate_recovered"} <= set(report["timings_s"])
     assert ("recover", 0, 3) in stages and ("recover", 3, 3) in stages
-    assert result.recovery.tokens_seen == 3 * 2 * 32
+    # 5 windows in batches of 2 end an epoch with a batch of 1
+    assert result.recovery.tokens_seen == (5 if copy_model else 6) * 32
+    assert drawn[-1] == (5 if copy_model else 3 * 2)  # the recovery's windows come last
     # the teacher was dense: the caller's own model when it is copied anyway, else a copy
     # taken before the caller's model was cut in place
     assert len(teachers) == 1 and (teachers[0] is model) == copy_model
