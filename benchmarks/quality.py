@@ -37,7 +37,8 @@ from gqaprune_core.pipeline import prunable_target, run_pipeline  # noqa: E402
 from gqaprune_core.surgery import apply_plan_  # noqa: E402
 
 METHODS = ("original", "default", "uniform_taylor", "global_taylor", "magnitude", "random",
-           "activation", "depth", "naive-heads", "default-own-calibration", "default+lora")
+           "activation", "depth", "naive-heads", "default-own-calibration", "default+lora",
+           "default-own-calibration+lora", "default-own-calibration+full")
 QUICK_METHODS = ("original", "default", "global_taylor", "naive-heads")
 UNIFORM_UNIT_METHODS = {"uniform_taylor": "taylor", "magnitude": "magnitude", "random": "random",
                         "activation": "activation"}
@@ -53,14 +54,16 @@ def method_config(method: str, ratio: float, args) -> tuple[PruneConfig, list[st
         notes.append(source)
     else:
         base = PRESETS["original"]
+    # METHOD+RECOVERY: METHOD, then distillation by RECOVERY (lora or full)
+    name, _, recovery = method.partition("+")
     # default-own-calibration: the preset's own calibration mix, not the benchmark's corpus
-    calibration = base.calibration_dataset if method == "default-own-calibration" else args.calibration
+    calibration = base.calibration_dataset if name == "default-own-calibration" else args.calibration
     config = base.with_(pruning_ratio=ratio, ratio_of="total", base_model=args.model,
                         calibration_dataset=calibration, seed=args.seed)
-    if method == "default+lora":
-        config = config.with_(recovery="lora", recovery_steps=args.recovery_steps,
-                              recovery_time_s=args.recovery_time)
-        notes.append(f"LoRA distillation, at most {args.recovery_steps} steps / "
+    if recovery:
+        config = config.with_(recovery=recovery, recovery_steps=args.recovery_steps,
+                              recovery_time_s=args.recovery_time, recovery_lr=args.recovery_lr)
+        notes.append(f"{recovery} distillation, at most {args.recovery_steps} steps / "
                      f"{args.recovery_time} s on the calibration corpus")
     if method in UNIFORM_UNIT_METHODS:
         # Bounds do not shape uniform rates; (0, 0.9) only keeps the range check from refusing.
@@ -308,9 +311,12 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--examples", type=int, help="override the presets' 10")
     parser.add_argument("--example-seq-len", type=int, help="override the presets' 64")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--recovery-steps", type=int, default=40, help="default+lora's steps")
+    parser.add_argument("--recovery-steps", type=int, default=40,
+                        help="steps of the methods with recovery (NAME+lora, NAME+full)")
+    parser.add_argument("--recovery-lr", type=float,
+                        help="their learning rate (default: the recovery method's)")
     parser.add_argument("--recovery-time", type=float, default=900.0,
-                        help="default+lora's time budget in seconds")
+                        help="their time budget in seconds")
     parser.add_argument("--threads", type=int)
     parser.add_argument("--quick", action="store_true",
                         help="20 %% only, 4 windows, 4 methods, 8 importance samples, "

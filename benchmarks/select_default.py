@@ -87,6 +87,16 @@ def install(corpora: dict[str, data.Corpus]) -> None:
     data.load_corpus = load
 
 
+def demo_and_held_out_windows(count: int, seq_len: int) -> tuple:
+    """The demo model, its tokenizer and ``count`` validation windows of ``seq_len`` tokens per
+    held-out corpus (the ``sel-*`` names installed for the library to resolve)."""
+    corpora = held_out_corpora()
+    install(corpora)
+    model, tokenizer = load_model("demo")
+    return model, tokenizer, {name: data.evaluation_windows(tokenizer, corpus, seq_len, count)
+                              for name, corpus in corpora.items()}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variants", default=",".join(VARIANTS))
@@ -101,11 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
         print("\n".join(f"{k}: fit {v[0]}, {v[1]}" for k, v in VARIANTS.items()))
         return {}
     set_threads(args.threads)
-    corpora = held_out_corpora()
-    install(corpora)
-    model, tokenizer = load_model("demo")
-    windows = {name: data.evaluation_windows(tokenizer, corpus, args.seq_len, args.windows)
-               for name, corpus in corpora.items()}
+    model, tokenizer, windows = demo_and_held_out_windows(args.windows, args.seq_len)
     previous = read_json(args.out) or {}
     out = header(None if argv is None else ["benchmarks/select_default.py", *argv])
     out["settings"] = {"ratio": args.ratio, "fit_fraction": FIT_FRACTION,

@@ -20,11 +20,16 @@ Methods:
 
 Both work on pruned models whose layers differ in heads and MLP width: LoRA sizes every
 adapter from its own layer, full training needs no shapes at all.
+
+Learning rate: ``cosine`` (default) decays it from ``lr`` to zero over the requested steps, so
+the last steps average out the batch-to-batch noise a constant rate keeps; ``constant`` keeps
+it (a run cut short by its time budget ends before the decay does).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -39,6 +44,7 @@ from gqaprune_core.models import decoder_layers
 
 Method = Literal["lora", "full"]
 METHODS: tuple[str, ...] = ("lora", "full")
+SCHEDULES: tuple[str, ...] = ("cosine", "constant")
 DEFAULT_LR = RECOVERY_DEFAULT_LR  # when no lr is given
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 Progress = Callable[[int, int], None]  # (steps done, steps requested)
@@ -63,6 +69,7 @@ class RecoveryReport:
     stopped_by: Literal["steps", "time"]
     trainable_params: int
     lr: float
+    schedule: str = "cosine"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -79,6 +86,13 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     return F.kl_div(student, teacher, log_target=True, reduction="batchmean")
 
 
+def lr_factor(step: int, steps: int, schedule: str) -> float:
+    """The share of the base learning rate used by step ``step`` (0-based) of ``steps``."""
+    if schedule == "constant" or steps <= 0:
+        return 1.0
+    return 0.5 * (1.0 + math.cos(math.pi * step / steps))
+
+
 def _batches(count: int, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
     """Row indices, ``batch_size`` at a time, through a fresh seeded permutation per epoch."""
     generator = torch.Generator().manual_seed(seed)
@@ -88,9 +102,11 @@ def _batches(count: int, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
 
 
 def _check_arguments(method: str, tokens: torch.Tensor, steps: int, lr: float,
-                     batch_size: int, time_budget_s: float, rank: int) -> None:
+                     batch_size: int, time_budget_s: float, rank: int, schedule: str) -> None:
     if method not in METHODS:
         raise ValueError(f"recovery method {method!r}; choose one of {', '.join(METHODS)}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"recovery schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
     if tokens.dim() != 2 or tokens.shape[0] < 1 or tokens.shape[1] < 1:
         raise ValueError(f"tokens must be an (N, T) tensor of token ids with N, T >= 1, got shape "
                          f"{tuple(tokens.shape)}")
@@ -160,7 +176,7 @@ def _trainable(student: nn.Module, method: str, rank: int, seed: int
 def recover_(student: nn.Module, teacher: nn.Module, tokens: torch.Tensor, *,
              method: Method = "lora", steps: int = 100, lr: float | None = None,
              batch_size: int = 4, time_budget_s: float = 600.0, rank: int = 8, seed: int = 0,
-             progress: Progress | None = None) -> RecoveryReport:
+             schedule: str = "cosine", progress: Progress | None = None) -> RecoveryReport:
     """Distil ``teacher`` into ``student`` in place on the (N, T) windows ``tokens``.
 
     Runs ``steps`` AdamW steps on batches of ``batch_size`` windows (a seeded shuffle, then the
@@ -174,6 +190,7 @@ def recover_(student: nn.Module, teacher: nn.Module, tokens: torch.Tensor, *,
     Args:
         lr: None for the method's default (:data:`DEFAULT_LR`).
         rank: LoRA rank r (alpha is 2r); ignored by ``full``.
+        schedule: ``cosine`` (decay to zero over ``steps``) or ``constant``.
         progress: called with (steps done, steps requested) before the first and after every
             step.
 
@@ -181,7 +198,7 @@ def recover_(student: nn.Module, teacher: nn.Module, tokens: torch.Tensor, *,
         ValueError: an unknown method or a bad value, named with it.
     """
     lr = DEFAULT_LR.get(method, 1.0) if lr is None else lr
-    _check_arguments(method, tokens, steps, lr, batch_size, time_budget_s, rank)
+    _check_arguments(method, tokens, steps, lr, batch_size, time_budget_s, rank, schedule)
     report_progress = progress or (lambda done, total: None)
     start = time.perf_counter()
     device = next(student.parameters()).device
@@ -209,6 +226,8 @@ def recover_(student: nn.Module, teacher: nn.Module, tokens: torch.Tensor, *,
                 del target, logits
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                for group in optimizer.param_groups:
+                    group["lr"] = lr * lr_factor(step, steps, schedule)
                 optimizer.step()
                 losses.append(loss.item())
                 tokens_seen += batch.numel()
@@ -220,4 +239,4 @@ def recover_(student: nn.Module, teacher: nn.Module, tokens: torch.Tensor, *,
     return RecoveryReport(method, len(losses), steps, tokens_seen,
                           round(time.perf_counter() - start, 3),
                           losses[0] if losses else None, losses[-1] if losses else None,
-                          stopped_by, trainable, lr)
+                          stopped_by, trainable, lr, schedule)

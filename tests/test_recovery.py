@@ -12,7 +12,7 @@ from gqaprune_core.data import calibration_batch
 from gqaprune_core.models import layout, load_model
 from gqaprune_core.pipeline import run_pipeline
 from gqaprune_core.plan import LayerPlan, identity_plan
-from gqaprune_core.recovery import distillation_loss, recover_
+from gqaprune_core.recovery import distillation_loss, lr_factor, recover_
 from gqaprune_core.surgery import apply_plan_
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -138,12 +138,35 @@ def test_a_time_budget_of_zero_runs_no_step(teacher_student, windows):
     assert all(torch.equal(weights[k], v) for k, v in student.state_dict().items())
 
 
+def test_cosine_schedule_decays_to_zero_and_constant_keeps_the_rate():
+    factors = [lr_factor(step, 4, "cosine") for step in range(4)]
+    assert factors[0] == 1.0 and factors == sorted(factors, reverse=True) and factors[-1] > 0
+    assert lr_factor(4, 4, "cosine") == pytest.approx(0.0)
+    assert {lr_factor(step, 4, "constant") for step in range(4)} == {1.0}
+
+
+def test_the_schedule_sets_the_optimiser_rate(teacher_student, windows, monkeypatch):
+    teacher, student = teacher_student
+    rates = []
+    step = torch.optim.AdamW.step
+
+    def spy(self, *args, **kwargs):
+        rates.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    report = recover_(student, teacher, windows, method="full", steps=3, lr=0.5, batch_size=2)
+    assert report.schedule == "cosine"
+    assert rates == pytest.approx([0.5 * lr_factor(s, 3, "cosine") for s in range(3)])
+
+
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"method": "distill"}, "method 'distill'"),
     ({"steps": -1}, "steps=-1"),
     ({"lr": 0.0}, "lr=0.0"),
     ({"batch_size": 0}, "batch_size=0"),
     ({"time_budget_s": -2.0}, "time_budget_s=-2.0"),
+    ({"schedule": "linear"}, "schedule 'linear'"),
 ])
 def test_bad_arguments_are_named(teacher_student, windows, kwargs, message):
     teacher, student = teacher_student
