@@ -174,10 +174,11 @@ def _add_recovery_flags(parser: argparse.ArgumentParser, d: PruneConfig) -> None
         f"optimiser steps at most (default: {d.recovery_steps})"))
     group.add_argument("--recovery_time_s", type=float, help=(
         "time budget in seconds; checked before every step, so recovery ends at the steps or "
-        f"the budget, whichever comes first (CPU: ~30 s per step on the demo model) (default: "
-        f"{d.recovery_time_s:g})"))
+        "the budget, whichever comes first (2 CPU threads: ~11 s per step on the demo model) "
+        f"(default: {d.recovery_time_s:g})"))
     group.add_argument("--recovery_lr", type=float, help=(
-        f"AdamW learning rate (default: {lrs})"))
+        f"AdamW peak learning rate, decayed along a cosine to zero over the steps (default: "
+        f"{lrs})"))
     group.add_argument("--recovery_batch_size", type=int, help=(
         f"windows per step (default: {d.recovery_batch_size})"))
     group.add_argument("--recovery_seq_len", type=int, help=(

@@ -24,9 +24,10 @@ MODES = ("sequential", "one-shot")
 UNIT_METHODS = ("taylor", "magnitude", "activation", "random", "naive-heads")
 GROUP_ROUNDINGS = ("across", "per_layer")
 RECOVERY_METHODS = ("none", "lora", "full")
-# Learning rates of recovery when none is given: LoRA's adapters start at zero and need a larger
-# step than full fine-tuning, which moves weights that are mostly right already.
-RECOVERY_DEFAULT_LR = {"lora": 2e-4, "full": 2e-5}
+# Learning rates of recovery when none is given, chosen on held-out calibration text
+# (benchmarks/select_recovery.py, BENCHMARKS.md): LoRA's adapters start at zero and need a
+# larger step than full fine-tuning, which moves weights that are mostly right already.
+RECOVERY_DEFAULT_LR = {"lora": 1e-3, "full": 2e-4}
 
 
 @dataclass(frozen=True)
@@ -70,8 +71,8 @@ class PruneConfig:
     # Optional recovery after pruning (gqaprune_core.recovery): distillation from the dense
     # model by LoRA (merged back) or by training every decoder-layer weight, on windows of the
     # calibration corpus other than the pruning's. Stops after recovery_steps steps or
-    # recovery_time_s seconds, whichever comes first (CPU: ~13 s per LoRA step of 4 x 256
-    # tokens on the demo model, 2 threads). recovery_lr None: the method's RECOVERY_DEFAULT_LR.
+    # recovery_time_s seconds, whichever comes first (CPU: ~11 s per step of 4 x 256 tokens
+    # on the demo model, 2 threads). recovery_lr None: the method's RECOVERY_DEFAULT_LR.
     # recovery_samples None: recovery_steps x recovery_batch_size windows, so that no step
     # sees a window twice (see recovery_windows).
     recovery: Recovery = "none"

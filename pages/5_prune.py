@@ -15,7 +15,7 @@ UNIT_HELP = {"taylor": "taylor: |weight × gradient| (default)", "magnitude": "m
              "random": "random: a baseline that knows nothing",
              "naive-heads": "naive-heads: the anti-example that scrambles GQA (see GQA structure)"}
 RECOVERY_HELP = {"none": "none (default)", "lora": "LoRA, merged back",
-                 "full": "full fine-tuning of the decoder layers"}
+                 "full": "full fine-tuning of the decoder layers (recovers most per step)"}
 
 _ui.page_setup("Prune & evaluate")
 st.title("Prune & evaluate")

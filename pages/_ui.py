@@ -59,7 +59,7 @@ def defaults() -> dict[str, Any]:
                 "eval_seq_len": 512, "max_eval_windows": 24, "max_new_tokens": 32,
                 "score_samples": 16, "recovery_steps": 100, "recovery_time_s": 600,
                 "recovery_seq_len": 256, "recovery_samples": None}
-    # CPU: a LoRA recovery step of 4 x 256 tokens takes ~13 s on the demo model (2 threads);
+    # CPU: a recovery step of 4 x 256 tokens takes ~11 s on the demo model (2 threads);
     # 128 tokens, a budget of 5 minutes
     return {"importance_samples": 16, "num_examples": 6, "seq_len": 64, "eval_seq_len": 256,
             "max_eval_windows": 8, "max_new_tokens": 24, "score_samples": 8,
