@@ -97,6 +97,13 @@ def demo_and_held_out_windows(count: int, seq_len: int) -> tuple:
                               for name, corpus in corpora.items()}
 
 
+def validate(model, windows: dict, dense: dict) -> dict:
+    """Perplexity ratios to dense on the held-out windows, and their geometric mean."""
+    ratios = {n: perplexity(model, w, corpus=n).value / dense[n] for n, w in windows.items()}
+    return {"ratio": {n: round(r, 4) for n, r in ratios.items()},
+            "geo_mean": round(math.exp(sum(map(math.log, ratios.values())) / len(ratios)), 4)}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variants", default=",".join(VARIANTS))
@@ -130,12 +137,9 @@ def main(argv: list[str] | None = None) -> dict:
                             **changes)
         with Timer() as clock:
             result = run_pipeline(config, model, tokenizer, copy_model=True, evaluate=False)
-        ratios = {n: perplexity(result.model, w, corpus=n).value / out["dense"][n]
-                  for n, w in windows.items()}
         entry = {"fit": fit, "changes": changes, "params": count_parameters(result.model),
                  "prune_s": round(clock.seconds, 1),
-                 "ratio": {n: round(r, 4) for n, r in ratios.items()},
-                 "geo_mean": round(math.exp(sum(map(math.log, ratios.values())) / len(ratios)), 4)}
+                 **validate(result.model, windows, out["dense"])}
         out["results"][name] = entry
         write_json(args.out, out)
         log(f"{name}: " + ", ".join(f"{n} x{r:.3f}" for n, r in entry["ratio"].items())

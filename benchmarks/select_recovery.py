@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import sys
 from pathlib import Path
 
@@ -24,7 +23,8 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
 from common import RESULTS_DIR, Timer, header, log, read_json, set_threads, write_json  # noqa: E402
-from select_default import BASE, DPW, FIT_FRACTION, demo_and_held_out_windows  # noqa: E402
+from select_default import (BASE, DPW, FIT_FRACTION, demo_and_held_out_windows,  # noqa: E402
+                            validate)
 
 from gqaprune_core import data  # noqa: E402
 from gqaprune_core.evaluate import perplexity  # noqa: E402
@@ -41,13 +41,6 @@ VARIANTS: dict[str, tuple[str, float, str]] = {
     "full-1e-4-cosine": ("full", 1e-4, "cosine"),
     "full-2e-4-cosine": ("full", 2e-4, "cosine"),
 }
-
-
-def validate(model, windows: dict, dense: dict) -> dict:
-    """Perplexity ratios to dense on the held-out windows, and their geometric mean."""
-    ratios = {n: perplexity(model, w, corpus=n).value / dense[n] for n, w in windows.items()}
-    return {"ratio": {n: round(r, 4) for n, r in ratios.items()},
-            "geo_mean": round(math.exp(sum(map(math.log, ratios.values())) / len(ratios)), 4)}
 
 
 def run_variant(name: str, pruned, dense_model, tokens, windows: dict, dense: dict, config,

@@ -74,13 +74,6 @@ def refit_down(gram: torch.Tensor, down_weight: torch.Tensor, kept: Sequence[int
     return solution.T.to(down_weight.dtype)
 
 
-def _decoder(model: nn.Module) -> nn.Module:
-    """The decoder stack without the LM head when the model has the usual layout: the hooks
-    need the layers only, and the logits of one 128 x 256 batch would take 6.4 GB (demo
-    vocabulary, float32) for nothing."""
-    return model.model if hasattr(model, "model") else model
-
-
 @torch.no_grad()
 def dense_residuals(model: nn.Module, calibration: torch.Tensor, layers: Sequence[int]
                     ) -> dict[int, torch.Tensor]:
@@ -99,7 +92,9 @@ def dense_residuals(model: nn.Module, calibration: torch.Tensor, layers: Sequenc
     try:
         for index in layers:
             handles.append(all_layers[index].register_forward_hook(make_hook(index)))
-        _decoder(model)(calibration.to(next(model.parameters()).device), use_cache=False)
+        # the decoder stack only (decoder_layers checked model.model): the LM head's logits of one
+        # 128 x 256 batch would be 6.4 GB of float32 (demo vocabulary) that no hook reads
+        model.model(calibration.to(next(model.parameters()).device), use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
@@ -185,7 +180,7 @@ def prune_mlp_compensated_(model: nn.Module, calibration: torch.Tensor,
                 handles.append(layers[index].post_attention_layernorm.register_forward_pre_hook(
                     norm_hook(index)))
             handles.append(layers[index].mlp.register_forward_pre_hook(make_hook(index)))
-        _decoder(model)(calibration.to(device), use_cache=False)
+        model.model(calibration.to(device), use_cache=False)  # decoder only, as in dense_residuals
     finally:
         for handle in handles:
             handle.remove()
