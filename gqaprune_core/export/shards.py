@@ -1,0 +1,221 @@
+"""Sharded safetensors, the Hugging Face way: write tensors as they come, read them lazily.
+
+A weights folder holds either one ``model.safetensors`` or, once the tensors exceed one shard,
+``model-00001-of-0000N.safetensors`` ... plus ``model.safetensors.index.json``::
+
+    {"metadata": {"total_size": BYTES},
+     "weight_map": {"model.norm.weight": "model-00002-of-00002.safetensors", ...}}
+
+which is what ``transformers``, ``accelerate``, vLLM and llama.cpp's converter read. Shards hold
+at most ``max_shard_bytes`` of tensor data (5 GB by default, as ``save_pretrained``), except a
+single tensor larger than that, which gets a shard of its own.
+
+:class:`ShardWriter` streams: it keeps at most one shard's tensors in memory, so a model can be
+written layer by layer (the layer-wise pipeline) without ever being whole. :class:`LazyWeights`
+reads one tensor at a time from either layout. Nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+SINGLE_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # "5GB" in save_pretrained's sense
+
+
+class ShardError(ValueError):
+    """A weights folder whose files or index are missing, unreadable or inconsistent."""
+
+
+def shard_name(number: int, count: int) -> str:
+    return f"model-{number:05d}-of-{count:05d}.safetensors"
+
+
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+class ShardWriter:
+    """Write tensors into ``directory`` as shards of at most ``max_shard_bytes``.
+
+    Usage::
+
+        with ShardWriter(staging, max_shard_bytes=2 * 10**9) as writer:
+            for name, tensor in tensors:
+                writer.add(name, tensor)
+        writer.files  # the file names written, in order
+
+    Shards are written under provisional names and renamed when the count is known (on
+    ``close``); with one shard the file is ``model.safetensors`` and no index is written. The
+    directory should be a staging folder that is published as a whole: an exception leaves the
+    provisional files behind for the caller's cleanup.
+    """
+
+    def __init__(self, directory: str | os.PathLike, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                 metadata: dict[str, str] | None = None) -> None:
+        if max_shard_bytes < 1:
+            raise ValueError(f"max_shard_bytes={max_shard_bytes} must be positive")
+        self.directory = Path(directory)
+        self.max_shard_bytes = max_shard_bytes
+        self.metadata = {"format": "pt", **(metadata or {})}
+        self.files: list[str] = []
+        self.weight_map: dict[str, str] = {}
+        self.total_size = 0
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._provisional: list[Path] = []
+        self._closed = False
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Queue one tensor (copied to CPU, contiguous); writes a shard when this one is full."""
+        if self._closed:
+            raise RuntimeError("ShardWriter is closed")
+        if name in self.weight_map or name in self._pending:
+            raise ValueError(f"tensor {name!r} added twice")
+        size = tensor_bytes(tensor)
+        if self._pending and self._pending_bytes + size > self.max_shard_bytes:
+            self._flush()
+        self._pending[name] = tensor.detach().to("cpu").contiguous()
+        self._pending_bytes += size
+        self.total_size += size
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        path = self.directory / f".shard-{len(self._provisional) + 1:05d}.partial"
+        save_file(self._pending, str(path), metadata=self.metadata)
+        self._provisional.append(path)
+        self.weight_map.update(dict.fromkeys(self._pending, path.name))
+        self._pending, self._pending_bytes = {}, 0
+
+    def close(self) -> list[str]:
+        """Write the last shard, give every shard its final name, write the index; returns the
+        file names (weights, then the index if any)."""
+        if self._closed:
+            return self.files
+        if self._pending or not self._provisional:
+            self._flush()
+        count = len(self._provisional)
+        final = {p.name: (SINGLE_NAME if count == 1 else shard_name(i, count))
+                 for i, p in enumerate(self._provisional, start=1)}
+        for path in self._provisional:
+            os.replace(path, self.directory / final[path.name])
+        self.weight_map = {name: final[file] for name, file in self.weight_map.items()}
+        self.files = list(final.values())
+        if count > 1:
+            index = {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map}
+            (self.directory / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True))
+            self.files.append(INDEX_NAME)
+        self._closed = True
+        return self.files
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, kind, value, traceback) -> None:
+        if kind is None:
+            self.close()
+
+
+def has_weights(directory: str | os.PathLike) -> bool:
+    """True if ``directory`` holds ``model.safetensors`` or a safetensors index."""
+    path = Path(directory)
+    return (path / SINGLE_NAME).is_file() or (path / INDEX_NAME).is_file()
+
+
+def weight_map(directory: str | os.PathLike) -> dict[str, str]:
+    """Tensor name → file name, from the index, or from the header of ``model.safetensors``.
+
+    Raises:
+        ShardError: no weights, an unreadable index, or an index naming a missing file.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(directory)
+    index = path / INDEX_NAME
+    if index.is_file():
+        try:
+            mapping = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
+            raise ShardError(f"{index}: unreadable safetensors index: {err}") from err
+        if not isinstance(mapping, dict):
+            raise ShardError(f"{index}: weight_map is not an object")
+        missing = sorted({f for f in mapping.values() if not (path / f).is_file()})
+        if missing:
+            raise ShardError(f"{index} names shard files that are missing: {missing[:3]}")
+        return dict(mapping)
+    single = path / SINGLE_NAME
+    if not single.is_file():
+        raise ShardError(f"{str(path)!r} has neither {SINGLE_NAME} nor {INDEX_NAME}")
+    try:
+        with safe_open(str(single), framework="pt") as handle:
+            return dict.fromkeys(handle.keys(), SINGLE_NAME)
+    except (SafetensorError, OSError) as err:
+        raise ShardError(f"{single}: unreadable safetensors file: {err}") from err
+
+
+class LazyWeights:
+    """Read tensors one at a time from a weights folder (single file or shards).
+
+    ``shapes()`` reads only the headers; ``get(name)`` reads one tensor. File handles are opened
+    on demand and kept until ``close`` (use as a context manager).
+    """
+
+    def __init__(self, directory: str | os.PathLike, device: str | torch.device = "cpu") -> None:
+        self.directory = Path(directory)
+        self.device = str(device)
+        self.map = weight_map(self.directory)
+        self._handles: dict[str, object] = {}
+
+    def _handle(self, file: str):
+        from safetensors import SafetensorError, safe_open
+
+        if file not in self._handles:
+            try:
+                self._handles[file] = safe_open(str(self.directory / file), framework="pt",
+                                                device=self.device)
+            except (SafetensorError, OSError) as err:
+                raise ShardError(f"{self.directory / file}: unreadable safetensors file: "
+                                 f"{err}") from err
+        return self._handles[file]
+
+    def keys(self) -> list[str]:
+        return list(self.map)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.map
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor's shape, from the headers alone."""
+        return {name: tuple(self._handle(file).get_slice(name).get_shape())
+                for name, file in self.map.items()}
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.map:
+            raise ShardError(f"{self.directory}: no tensor named {name!r}")
+        file = self.map[name]
+        try:
+            return self._handle(file).get_tensor(name)
+        except Exception as err:  # safetensors raises its own error types for corrupt data
+            raise ShardError(f"{self.directory / file}: cannot read tensor {name!r}: {err}") from err
+
+    def items(self, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+        """``(name, tensor)`` for every name starting with ``prefix``, one tensor at a time."""
+        for name in self.map:
+            if name.startswith(prefix):
+                yield name, self.get(name)
+
+    def close(self) -> None:
+        self._handles.clear()
+
+    def __enter__(self) -> LazyWeights:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
