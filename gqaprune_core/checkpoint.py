@@ -242,7 +242,7 @@ def load_pruned(directory: str | os.PathLike, device: str | torch.device = "cpu"
             validate(model)
         except SurgeryError as err:
             raise CheckpointError(f"{path}: the loaded model fails validation: {err}") from err
-    return model, _read_tokenizer(path)
+    return model, _read_tokenizer(path, config)
 
 
 def _require_files(path: Path) -> None:
@@ -285,12 +285,14 @@ def _read_config(path: Path, plan: PruningPlan):
     return config
 
 
-def _read_tokenizer(path: Path):
+def _read_tokenizer(path: Path, config):
     """The saved tokenizer, or ``None``; a generic one is loaded from tokenizer.json as is.
 
     AutoTokenizer may pick a class from config.json's model_type instead of the saved
     ``tokenizer_class`` (transformers 5.17 turns a generic tokenizer beside a qwen2 config into
-    Qwen2Tokenizer, replacing its pre-tokenizer), so generic tokenizers bypass it.
+    Qwen2Tokenizer, replacing its pre-tokenizer), so generic tokenizers bypass it. The others get
+    the base ``config``: left alone, AutoTokenizer would read config.json, find the remote code
+    of a ``gqaprune_<base>`` config and ask on the terminal whether to run it.
     """
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
@@ -303,7 +305,7 @@ def _read_tokenizer(path: Path):
         if declared in GENERIC_TOKENIZERS and backend_file.is_file():
             tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
         else:
-            tokenizer = AutoTokenizer.from_pretrained(path)
+            tokenizer = AutoTokenizer.from_pretrained(path, config=config)
     except (OSError, ValueError) as err:  # JSONDecodeError is a ValueError
         raise CheckpointError(f"{path}: unreadable tokenizer: {err}") from err
     if tokenizer.pad_token is None:

@@ -121,12 +121,15 @@ def _loading(kind: str) -> list[str]:
         lines += ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
                   f'model = AutoModelForCausalLM.from_pretrained("{MODEL_DIR}"'
                   + (", trust_remote_code=True)" if remote else ")"),
-                  f'tokenizer = AutoTokenizer.from_pretrained("{MODEL_DIR}")', "```"]
+                  f'tokenizer = AutoTokenizer.from_pretrained("{MODEL_DIR}"'
+                  + (", trust_remote_code=True)" if remote else ")"), "```"]
         if remote:
             lines += ["", "The layers have their own shapes, which no built-in transformers class "
                       "describes: `configuration_gqaprune.py` and `modeling_gqaprune.py` in this "
                       "folder (small, read them) build each decoder layer from its own head and "
-                      "MLP counts. gqaprune itself is not needed."]
+                      "MLP counts. gqaprune itself is not needed. The tokenizer is the base "
+                      "model's; `trust_remote_code=True` there only stops transformers from "
+                      "asking about the code named in config.json."]
     lines += ["", "### gqaprune", "", "```python",
               "from gqaprune_core.checkpoint import load_pruned", "",
               f'model, tokenizer = load_pruned("{MODEL_DIR}")  # checks gqaprune_manifest.json',
