@@ -506,6 +506,7 @@ def save_run(run: PruneRun, name: str, output_dir: str | os.PathLike = "prune_lo
         ValueError: a bad name, an existing non-empty target, or a run without its model.
     """
     from gqaprune_core.checkpoint import save_pruned
+    from gqaprune_core.export.model_card import CardInfo
     from gqaprune_core.outputs import MODEL_DIR_NAME, REPORT_NAME, run_paths, write_json_atomic
 
     if run.model is None:
@@ -513,6 +514,8 @@ def save_run(run: PruneRun, name: str, output_dir: str | os.PathLike = "prune_lo
     paths = run_paths(output_dir, name.strip(), "app")
     if (paths.root / REPORT_NAME).exists() or (paths.root / MODEL_DIR_NAME).exists():
         raise ValueError(f"{str(paths.root)!r} already holds a saved run; choose another name")
-    save_pruned(run.model, run.tokenizer, run.plan, paths.model)
+    card = CardInfo(base_model=run.config.base_model, settings=run.config.to_dict(),
+                    report=run.report)  # the app has no command line to show
+    save_pruned(run.model, run.tokenizer, run.plan, paths.model, card=card)
     write_json_atomic(paths.report, run.report)
     return paths.root

@@ -185,6 +185,10 @@ class CliRun:
     report: dict
 
 
+def _command(argv: Sequence[str]) -> str:
+    return shlex.join(["python", "-m", "gqaprune_core", *argv])
+
+
 def _settings(args: argparse.Namespace, argv: Sequence[str], prep: Prepared,
               paths: outputs.RunPaths) -> dict[str, dict[str, object]]:
     """Every setting of the run, by section, for description.txt and training.log."""
@@ -194,10 +198,10 @@ def _settings(args: argparse.Namespace, argv: Sequence[str], prep: Prepared,
     device = next(prep.model.parameters())
     cli_only = ("preset", "skip_importance_analysis", "importance_config", "test_after_prune",
                 "save_model", "head_dim", "gqa_ratio", "output_dir", "save_ckpt_log_name",
-                "overwrite", "quiet")
+                "overwrite", "quiet", "max_shard_size")
     return {
         "run": {"name": paths.root.name, "run_dir": paths.root, "log_dir": paths.log_dir,
-                "command": shlex.join(["python", "-m", "gqaprune_core", *argv])},
+                "command": _command(argv)},
         "config": prep.config.to_dict(),
         "cli": {name: getattr(args, name) for name in cli_only},
         "model": {"layers": len(prep.shapes), "q_heads": first.q_heads,
@@ -223,7 +227,7 @@ def achieved_layer_rates(prep: Prepared, allocation) -> list[float]:
 
 
 def _write_results(args: argparse.Namespace, prep: Prepared, paths: outputs.RunPaths,
-                   result, log) -> dict:
+                   result, log, command: str = "") -> dict:
     """layer_importance_config.json, the plot, model/ (--save_model), then report.json."""
     from gqaprune_core.layer_importance import save_importance_config
 
@@ -239,10 +243,14 @@ def _write_results(args: argparse.Namespace, prep: Prepared, paths: outputs.RunP
     report["budget_met"] = result.allocation.budget_met
     report["importance_source"] = args.importance_config or "computed"
     if args.save_model:
-        from gqaprune_core.checkpoint import save_pruned
+        from gqaprune_core.checkpoint import DEFAULT_MAX_SHARD_SIZE, save_pruned
+        from gqaprune_core.export.model_card import CardInfo
 
         start = time.perf_counter()
-        save_pruned(result.model, result.tokenizer, result.plan, paths.model)
+        card = CardInfo(base_model=config.base_model, command=command,
+                        settings=config.to_dict(), report=report)
+        save_pruned(result.model, result.tokenizer, result.plan, paths.model,
+                    max_shard_size=args.max_shard_size or DEFAULT_MAX_SHARD_SIZE, card=card)
         report["timings_s"]["save"] = round(time.perf_counter() - start, 3)
         report["model_dir"] = str(paths.model.resolve())
         log.info("saved the pruned model to %s", paths.model)
@@ -298,7 +306,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str], prep: Prepared,
                               evaluate=args.test_after_prune, progress=bars)
     finally:
         bars.close()
-    report = _write_results(args, prep, paths, result, log)
+    report = _write_results(args, prep, paths, result, log, command=_command(argv))
     _log_results(log, report, result)
     summary = outputs.summary_table(report)
     log.info("results:\n%s", summary, extra=outputs.FILE_ONLY)

@@ -51,6 +51,15 @@ def _eval_windows(text: str) -> int | str:
     return value
 
 
+def _shard_size(text: str) -> int:
+    from gqaprune_core.export.shards import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+
+
 def _corpus_list(text: str) -> tuple[str, ...]:
     return tuple(name.strip() for name in text.split(",") if name.strip())
 
@@ -198,6 +207,9 @@ def _add_output_flags(parser: argparse.ArgumentParser) -> None:
         "save the pruned model to OUTPUT_DIR/NAME/model/ (load it with load_pruned)"))
     group.add_argument("--overwrite", action="store_true", help=(
         "replace the outputs of a previous run of the same name (otherwise an error)"))
+    group.add_argument("--max_shard_size", type=_shard_size, metavar="SIZE", help=(
+        "with --save_model: the most bytes per weights file, e.g. 5GB, 200MB, 1GiB (default: "
+        "5GB, as Hugging Face); more become model-0000N-of-0000M.safetensors + an index"))
     group.add_argument("--quiet", action="store_true", help=(
         "no progress bars or log lines on the terminal (the summary and errors still print)"))
 
