@@ -23,7 +23,6 @@ after the directory exists leaves ``FAILED.txt`` there and no ``report.json``. S
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import sys
 import time
@@ -31,9 +30,11 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
-from gqaprune_core import outputs
+from gqaprune_core import cli_checks as checks
+from gqaprune_core import interrupts, outputs, runlock
 from gqaprune_core.cli_flags import UsageError, build_parser, config_from_args
 from gqaprune_core.config import PruneConfig
 
@@ -54,94 +55,36 @@ class Prepared:
     layer_range: range
 
 
-def _check_flags(args: argparse.Namespace) -> None:
-    if args.skip_importance_analysis and not args.importance_config:
-        raise ValueError("--skip_importance_analysis needs --importance_config PATH (the "
-                         "layer_importance_config.json of an earlier run)")
-
-
-def _check_recovery(config: PruneConfig) -> None:
-    import importlib.util
-
-    if config.recovery == "lora" and importlib.util.find_spec("peft") is None:
-        raise ValueError("--recovery lora needs the peft package: pip install peft (or use "
-                         "--recovery full)")
-
-
-def _check_device(device: str) -> None:
-    import torch
-
-    if device == "auto":
-        return
-    try:
-        parsed = torch.device(device)
-    except RuntimeError as err:
-        raise ValueError(f"--device {device!r} is not a device name ({err})") from err
-    if parsed.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if (parsed.index or 0) >= count:
-            raise ValueError(f"--device {device!r} requested, but {count} CUDA devices are "
-                             "available")
-
-
-def _check_corpora(config: PruneConfig, evaluate: bool) -> None:
-    from gqaprune_core.data import load_corpus
-
-    for name in (config.calibration_dataset, *(config.eval_datasets if evaluate else ())):
-        load_corpus(name)  # CorpusError naming the corpus
-
-
-def _check_geometry(shapes: Sequence, source: str, head_dim: int | None,
-                    gqa_ratio: int | None) -> None:
-    """The model's head_dim and q_per_kv must equal --head_dim / --gqa_ratio when given."""
-    first = shapes[0]
-    if head_dim is not None and {s.head_dim for s in shapes} != {head_dim}:
-        raise ValueError(f"--head_dim {head_dim} does not match the model: {source} has "
-                         f"head_dim {sorted({s.head_dim for s in shapes})}")
-    if gqa_ratio is not None and {s.q_per_kv for s in shapes} != {gqa_ratio}:
-        raise ValueError(f"--gqa_ratio {gqa_ratio} does not match the model: {source} has "
-                         f"{first.q_per_kv} query heads per KV head ({first.q_heads} query "
-                         f"heads, {first.kv_heads} KV heads)")
-
-
-def _check_plan(config: PruneConfig, model, count: int, importance) -> tuple[float, range]:
-    """Run the rate schedule and unit allocation on the real scores, or on equal scores when
-    they are still to be computed, so that an empty layer range or unreachable rates fail
-    before any file is written. Returns the prunable target and the layer range."""
-    from gqaprune_core.layer_importance import LayerImportance
-    from gqaprune_core.pipeline import plan_units, prunable_target
-
-    if importance is not None and len(importance.scores) != count:
-        raise ValueError(f"--importance_config holds {len(importance.scores)} layer scores, "
-                         f"the model {config.base_model!r} has {count} layers")
-    plan_units(config, model, importance or LayerImportance("equal", (0.0,) * count))
-    end = count if config.layer_end is None else min(config.layer_end, count)
-    layer_range = range(config.layer_start, end)
-    return prunable_target(config, model, layer_range), layer_range
-
-
 def prepare(args: argparse.Namespace, config: PruneConfig) -> Prepared:
     """Check every input and load the model; writes nothing.
 
     Raises:
+        UsageError: a flag value that is wrong by itself or for this model.
         ValueError (ModelLoadError, CorpusError included) naming the offending value.
     """
     from gqaprune_core.layer_importance import load_importance_config
     from gqaprune_core.models import layout, load_model
     from gqaprune_core.schedule import unit_costs
 
-    _check_flags(args)
-    _check_recovery(config)
-    _check_device(config.device)
+    checks.check_flags(args)
+    checks.check_recovery(config)
+    checks.check_device(config.device)
     importance = (load_importance_config(args.importance_config)
                   if args.importance_config else None)
-    _check_corpora(config, args.test_after_prune)
+    checks.check_corpora(config, args.test_after_prune)
     start = time.perf_counter()
-    model, tokenizer = load_model(config.base_model, config.device, config.dtype)
+    model, tokenizer = load_model(config.base_model, config.device, config.dtype,
+                                  allow_pickle=args.allow_pickle)
     load_seconds = round(time.perf_counter() - start, 3)
     shapes = layout(model)
-    _check_geometry(shapes, config.base_model, args.head_dim, args.gqa_ratio)
-    target, layer_range = _check_plan(config, model, len(shapes), importance)
+    checks.check_geometry(shapes, config.base_model, args.head_dim, args.gqa_ratio)
+    if importance is not None:
+        warning = checks.check_importance_source(importance, model, config.base_model,
+                                                 args.importance_config,
+                                                 args.allow_foreign_importance)
+        if warning:
+            print(f"gqaprune: warning: {warning}", file=sys.stderr)
+    target, layer_range = checks.check_plan(config, model, len(shapes), importance)
     return Prepared(config, model, tokenizer, importance, load_seconds, shapes,
                     unit_costs(model), target, layer_range)
 
@@ -198,7 +141,7 @@ def _settings(args: argparse.Namespace, argv: Sequence[str], prep: Prepared,
     device = next(prep.model.parameters())
     cli_only = ("preset", "skip_importance_analysis", "importance_config", "test_after_prune",
                 "save_model", "head_dim", "gqa_ratio", "output_dir", "save_ckpt_log_name",
-                "overwrite", "quiet", "max_shard_size")
+                "overwrite", "quiet", "max_shard_size", "allow_pickle", "allow_foreign_importance")
     return {
         "run": {"name": paths.root.name, "run_dir": paths.root, "log_dir": paths.log_dir,
                 "command": _command(argv)},
@@ -303,7 +246,9 @@ def _run(args: argparse.Namespace, argv: Sequence[str], prep: Prepared,
     try:
         result = run_pipeline(prep.config, prep.model, prep.tokenizer,
                               importance=prep.importance, copy_model=False,
-                              evaluate=args.test_after_prune, progress=bars)
+                              evaluate=args.test_after_prune, progress=bars,
+                              check_plan=lambda allocation: checks.check_removal(
+                                  prep.config, allocation, prep.model))
     finally:
         bars.close()
     report = _write_results(args, prep, paths, result, log, command=_command(argv))
@@ -318,15 +263,6 @@ def _run(args: argparse.Namespace, argv: Sequence[str], prep: Prepared,
 def _one_line(err: BaseException) -> str:
     text = " ".join(str(err).split())
     return text or type(err).__name__
-
-
-def _fresh_name(output_dir: str, name: str) -> str:
-    """``name``, or ``name-2``, ``name-3``, ... if a run of that name exists already."""
-    candidate, number = name, 1
-    while os.path.exists(os.path.join(output_dir, candidate)):
-        number += 1
-        candidate = f"{name}-{number}"
-    return candidate
 
 
 @contextmanager
@@ -346,37 +282,85 @@ def _library_progress(enabled: bool) -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+def _claim_run_dir(args: argparse.Namespace, paths: outputs.RunPaths,
+                   stamp: str) -> tuple[outputs.RunPaths, runlock.RunLock]:
+    """Lock the run directory (see :mod:`gqaprune_core.runlock`), then clear or create it.
+
+    An explicit name is locked as it is: a live run holding it fails this one, before it
+    touches any file there. A default name takes the first of ``prune-STAMP``,
+    ``prune-STAMP-2``, ... that this process creates itself (an atomic ``mkdir``), so two
+    runs started in the same second never share a directory.
+    """
+    if not args.save_ckpt_log_name:
+        root = Path(args.output_dir).expanduser()
+        root.mkdir(parents=True, exist_ok=True)
+        name = f"prune-{stamp}"
+        for number in range(2, 10_000):
+            try:
+                (root / name).mkdir()
+                break
+            except FileExistsError:
+                name = f"prune-{stamp}-{number}"
+        paths = outputs.run_paths(args.output_dir, name, stamp)
+    lock = runlock.lock_run_dir(paths.root)
+    try:
+        outputs.create_run_dir(paths, overwrite=args.overwrite)
+    except BaseException:
+        lock.release()
+        raise
+    return paths, lock
+
+
+def _early_checks(args: argparse.Namespace, stamp: str) -> tuple[PruneConfig, outputs.RunPaths]:
+    """Flags, config and run name, before the (slow) model load; writes nothing."""
+    try:
+        config = config_from_args(args)
+        paths = outputs.run_paths(args.output_dir, args.save_ckpt_log_name or f"prune-{stamp}",
+                                  stamp)
+    except ValueError as err:  # PruneConfig validation, a bad run name: the flags are wrong
+        raise UsageError(str(err)) from err
+    if args.save_ckpt_log_name:
+        runlock.check_not_busy(paths.root)
+        outputs.check_reusable(paths, overwrite=args.overwrite)
+    return config, paths
+
+
 def execute(argv: Sequence[str] | None = None) -> CliRun:
     """Parse, check, run and write the run directory; raises on failure (see :func:`main`).
 
-    Returns the run's paths, its report and the pipeline result, whose ``model`` is the pruned
-    model in memory (tests compare it with the saved one).
+    SIGINT and SIGTERM raise :class:`gqaprune_core.interrupts.Interrupted` inside, so a run
+    stopped by either cleans up and leaves ``FAILED.txt`` naming the signal. Returns the run's
+    paths, its report and the pipeline result, whose ``model`` is the pruned model in memory
+    (tests compare it with the saved one).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    with _library_progress(not args.quiet):
-        config = config_from_args(args)
-        prep = prepare(args, config)
+    with _library_progress(not args.quiet), interrupts.signals_as_exceptions():
         stamp = datetime.now().strftime("%Y-%m-%d-%H-%M-%S")
-        name = args.save_ckpt_log_name or _fresh_name(args.output_dir, f"prune-{stamp}")
-        paths = outputs.run_paths(args.output_dir, name, stamp)
-        outputs.create_run_dir(paths, overwrite=args.overwrite)
-        with outputs.run_log(paths.log, echo=not args.quiet) as log:
+        config, paths = _early_checks(args, stamp)
+        prep = prepare(args, config)
+        paths, lock = _claim_run_dir(args, paths, stamp)
+        with lock, outputs.run_log(paths.log, echo=not args.quiet) as log:
             try:
                 return _run(args, argv, prep, paths, log)
             except BaseException as err:
-                reason = "interrupted" if isinstance(err, KeyboardInterrupt) else (
+                reason = interrupts.describe(err) if isinstance(err, KeyboardInterrupt) else (
                     f"{type(err).__name__}: {_one_line(err)}")
-                log.error("run failed: %s", reason)
+                log.error("run failed: %s", reason, extra=outputs.FILE_ONLY)  # main prints it
                 outputs.write_failure(paths, reason)
                 raise
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the exit status (0 ok, 1 failed run, 2 bad flags, 130 interrupted).
+    """Run the CLI; returns the exit status.
 
-    Expected failures (bad flags or values, missing paths, unknown corpora, models that cannot
-    be pruned by groups, out of memory) print one line on stderr, without a traceback.
+    0 ok; 2 the command line is wrong (a flag value out of range or contradicting the model,
+    flags that contradict each other, a bad run name: :class:`UsageError`, see
+    :mod:`gqaprune_core.cli_checks`); 1 an input cannot be used (missing or unreadable model,
+    pickled weights, scores of another model, unknown corpus, a run directory in use or
+    holding a previous run) or the run failed (it removes far less than asked, out of
+    memory, ...); 130 SIGINT, 143 SIGTERM. Expected failures print one line on stderr,
+    without a traceback; README "When things go wrong" lists them with what is left on disk.
     """
     try:
         execute(argv)
@@ -394,7 +378,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"gqaprune: error: out of memory ({_one_line(err)}); try --dtype bfloat16, "
               "smaller sample counts, or another --device", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("gqaprune: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:  # interrupts.Interrupted: SIGINT or SIGTERM
+        print(f"gqaprune: {interrupts.describe(err)}", file=sys.stderr)
+        return interrupts.exit_status(err)
     return 0

@@ -79,6 +79,10 @@ def _add_model_flags(parser: argparse.ArgumentParser, d: PruneConfig) -> None:
         "weight dtype; 'auto' is bfloat16 on GPU, float32 on CPU (default: auto)"))
     group.add_argument("--seed", type=int, help=f"seed of calibration sampling and random "
                        f"scores (default: {d.seed})")
+    group.add_argument("--allow_pickle", action="store_true", help=(
+        "read a model directory whose only weights are pickled (pytorch_model.bin), with "
+        "torch's weights_only unpickler; without it such a directory is refused (convert it "
+        "to safetensors)"))
     group.add_argument("--preset", choices=sorted(PRESETS), help=(
         f"start from this preset's settings; explicit flags override them (default: "
         f"{DEFAULT_PRESET}, with the MLP left whole unless --prune_mlp)"))
@@ -132,6 +136,9 @@ def _add_importance_flags(parser: argparse.ArgumentParser, d: PruneConfig) -> No
     group.add_argument("--importance_config", metavar="PATH", help=(
         "a layer_importance_config.json of an earlier run whose scores are reused (its stored "
         "rates are not: they are recomputed for this run's ratio and bounds)"))
+    group.add_argument("--allow_foreign_importance", action="store_true", help=(
+        "use --importance_config scores although their stored weights fingerprint is not this "
+        "model's (by default such scores are refused)"))
     group.add_argument("--unit_importance", choices=UNIT_METHODS, help=(
         "how GQA groups and MLP channels are scored; 'naive-heads' is the per-head anti-example "
         f"(default: {d.unit_importance})"))

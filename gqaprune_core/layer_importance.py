@@ -234,7 +234,8 @@ def compute_layer_importance(model: nn.Module, calibration: torch.Tensor,
 
 
 @torch.no_grad()
-def weights_fingerprint(model: nn.Module, samples_per_tensor: int = 1024) -> str:
+def weights_fingerprint(model: nn.Module, samples_per_tensor: int = 1024,
+                        dtype: torch.dtype | None = None) -> str:
     """A hex digest of the model class and every parameter's name, shape and dtype, the L2 norm
     of each row of every matrix (whole vectors for 1-D parameters) and an evenly strided sample
     of its values.
@@ -243,10 +244,14 @@ def weights_fingerprint(model: nn.Module, samples_per_tensor: int = 1024) -> str
     that keep every row norm and miss the sampled entries (a permutation within rows, say) go
     unseen: give such a model another ``model_id``. Reads every weight once (~0.2 s for 135M
     parameters on one CPU thread); per-row reductions do not depend on the thread count.
+    ``dtype``: the digest of the model as if loaded in that dtype (floating weights cast one
+    tensor at a time), to recognise the same model loaded at another precision.
     """
     digest = hashlib.sha256(type(model).__name__.encode())
     for name, param in model.named_parameters():
         values = param.detach()
+        if dtype is not None and values.is_floating_point():
+            values = values.to(dtype)
         digest.update(f"|{name}:{tuple(values.shape)}:{values.dtype}|".encode())
         if values.dim() >= 2:
             rows = values.reshape(-1, values.shape[-1])
@@ -258,6 +263,17 @@ def weights_fingerprint(model: nn.Module, samples_per_tensor: int = 1024) -> str
         digest.update(summary.cpu().numpy().tobytes())
         digest.update(sample.float().cpu().numpy().tobytes())
     return digest.hexdigest()
+
+
+def matches_weights(model: nn.Module, fingerprint: str) -> bool:
+    """Whether ``fingerprint`` is :func:`weights_fingerprint` of ``model`` as it is, or of the
+    same weights loaded at another common precision (scores computed in bfloat16 on a GPU,
+    reused in float32 on a CPU). Extra dtypes are tried only when the first check fails."""
+    if weights_fingerprint(model) == fingerprint:
+        return True
+    own = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    return any(weights_fingerprint(model, dtype=dtype) == fingerprint
+               for dtype in (torch.float32, torch.bfloat16, torch.float16) if dtype != own)
 
 
 def _tokens_digest(ids: torch.Tensor) -> str:
@@ -318,6 +334,10 @@ def load_importance_config(path: str | os.PathLike, expected_layers: int | None 
         content = json.loads(path.read_text(encoding="utf-8"))
     except OSError as err:
         raise ValueError(f"cannot read layer importance file {path}: {err}") from err
+    except UnicodeDecodeError as err:  # before JSONDecodeError: both are ValueErrors
+        raise ValueError(f"layer importance file {path} is not a JSON text file (binary data "
+                         f"at byte {err.start}); pass the layer_importance_config.json of an "
+                         "earlier run") from err
     except json.JSONDecodeError as err:
         raise ValueError(f"layer importance file {path} is not valid JSON: {err}") from err
     if not isinstance(content, dict):

@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from gqaprune_core import model_files
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEMO_MODEL_NAME = "smollm2-135m-instruct"
@@ -218,9 +220,7 @@ def _portable_tokenizer(tokenizer, config):
 
 
 def _gguf_has_tokenizer(path: Path) -> bool:
-    from gguf import GGUFReader
-
-    return "tokenizer.ggml.model" in GGUFReader(str(path)).fields
+    return "tokenizer.ggml.model" in model_files.read_gguf(path).fields
 
 
 def _load_gguf(path: Path, dtype: torch.dtype):
@@ -228,12 +228,19 @@ def _load_gguf(path: Path, dtype: torch.dtype):
 
     if not _gguf_has_tokenizer(path):
         raise ModelLoadError(f"{path} has no embedded tokenizer (tokenizer.ggml.* fields)")
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    except (ValueError, OSError, KeyError, IndexError) as err:  # header fine, tensors not
+        raise ModelLoadError(f"{path} could not be read as a GGUF model "
+                             f"({' '.join(str(err).split())}): it is truncated or corrupt; "
+                             "re-download or re-export it") from err
     return model, tokenizer
 
 
-def _load_hf_dir(path: Path, dtype: torch.dtype):
+def _load_hf_dir(path: Path, dtype: torch.dtype, allow_pickle: bool = False):
+    """A Hugging Face model directory: safetensors weights (pickles only with ``allow_pickle``,
+    see :mod:`gqaprune_core.model_files`), a tokenizer, shapes that fit config.json."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if not (path / "config.json").is_file():
@@ -243,17 +250,30 @@ def _load_hf_dir(path: Path, dtype: torch.dtype):
         raise ModelLoadError(
             f"{path} holds a {config.model_type} model; gqaprune needs a decoder-only model with "
             "grouped-query attention (Llama, Mistral, Qwen2, SmolLM2)")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    return model, AutoTokenizer.from_pretrained(path)
+    model_files.check_tokenizer_files(path)
+    if model_files.weight_format(path, allow_pickle) == "safetensors":
+        model_files.check_weight_shapes(path, config)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
+    else:
+        model = model_files.guard_unpickling(path, lambda: AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, use_safetensors=False))
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model_files.check_tokenizer(tokenizer, path)
+    return model, tokenizer
 
 
 def load_model(source: str | os.PathLike = "demo", device: str = "auto",
-               dtype: str | torch.dtype | None = None):
+               dtype: str | torch.dtype | None = None, *, allow_pickle: bool = False):
     """Load ``(model, tokenizer)`` in eval mode on the chosen device.
 
+    ``allow_pickle``: read a directory whose only weights are ``pytorch_model.bin`` (torch's
+    ``weights_only`` unpickler); by default such a directory is refused.
+
     Raises:
-        ModelLoadError: a missing path, a non-decoder model, a GGUF file without tokenizer, or
-            query heads that are not a multiple of the KV heads (named with the values).
+        ModelLoadError: a missing path, a non-decoder model, a GGUF file without tokenizer or
+            that is truncated, pickled weights (without ``allow_pickle``), no tokenizer files,
+            stored shapes that differ from config.json, or query heads that are not a
+            multiple of the KV heads (named with the values).
     """
     target = pick_device(device)
     torch_dtype = pick_dtype(target, dtype)
@@ -273,7 +293,7 @@ def load_model(source: str | os.PathLike = "demo", device: str = "auto",
         if path.is_file() and path.suffix == ".gguf":
             model, tokenizer = _load_gguf(path, torch_dtype)
         elif path.is_dir():
-            model, tokenizer = _load_hf_dir(path, torch_dtype)
+            model, tokenizer = _load_hf_dir(path, torch_dtype, allow_pickle)
         else:
             raise ModelLoadError(f"{str(path)!r} is neither a model directory nor a .gguf file")
     layout(model)  # refuses models that are not groupable, with the layer named

@@ -94,6 +94,20 @@ def previous_outputs(paths: RunPaths) -> list[str]:
     return [name for name in RUN_OUTPUTS if (paths.root / name).exists()]
 
 
+def check_reusable(paths: RunPaths, overwrite: bool = False) -> list[str]:
+    """The previous run's outputs in ``paths.root`` (see :func:`previous_outputs`).
+
+    Raises:
+        ValueError: there are some and ``overwrite`` is False.
+    """
+    found = previous_outputs(paths)
+    if found and not overwrite:
+        raise ValueError(f"run directory {str(paths.root)!r} already holds a previous run "
+                         f"({', '.join(found)}); choose another --save_ckpt_log_name or pass "
+                         "--overwrite")
+    return found
+
+
 def create_run_dir(paths: RunPaths, overwrite: bool = False) -> None:
     """Create the run and log directories.
 
@@ -104,11 +118,7 @@ def create_run_dir(paths: RunPaths, overwrite: bool = False) -> None:
         ValueError: a previous run's outputs are there and ``overwrite`` is False.
         OSError: the directory cannot be created.
     """
-    found = previous_outputs(paths)
-    if found and not overwrite:
-        raise ValueError(f"run directory {str(paths.root)!r} already holds a previous run "
-                         f"({', '.join(found)}); choose another --save_ckpt_log_name or pass "
-                         "--overwrite")
+    found = check_reusable(paths, overwrite)
     for name in found:
         target = paths.root / name
         if target.is_dir() and not target.is_symlink():
@@ -155,9 +165,10 @@ def write_failure(paths: RunPaths, reason: str) -> None:
 
 @contextmanager
 def run_log(path: Path, echo: bool = True) -> Iterator[logging.Logger]:
-    """A logger writing to ``path`` (and to stderr when ``echo``), closed on exit.
+    """A logger writing to ``path`` and to stderr, closed on exit.
 
-    Records logged with ``extra=FILE_ONLY`` (long settings and tables) go to the file only.
+    Without ``echo`` (``--quiet``) only warnings and errors reach stderr. Records logged with
+    ``extra=FILE_ONLY`` (long settings and tables) go to the file only.
     The handlers belong to this context only, so repeated in-process runs never log twice.
     """
     logger = logging.getLogger(LOGGER_NAME)
@@ -166,10 +177,11 @@ def run_log(path: Path, echo: bool = True) -> Iterator[logging.Logger]:
     path.parent.mkdir(parents=True, exist_ok=True)
     handlers: list[logging.Handler] = [logging.FileHandler(path, encoding="utf-8")]
     handlers[0].setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    if echo:
-        handlers.append(logging.StreamHandler())  # stderr: stdout carries the summary table
-        handlers[1].setFormatter(logging.Formatter("%(message)s"))
-        handlers[1].addFilter(lambda record: not getattr(record, "file_only", False))
+    handlers.append(logging.StreamHandler())  # stderr: stdout carries the summary table
+    handlers[1].setFormatter(logging.Formatter("%(message)s" if echo else
+                                               "gqaprune: %(levelname)s: %(message)s"))
+    handlers[1].setLevel(logging.INFO if echo else logging.WARNING)
+    handlers[1].addFilter(lambda record: not getattr(record, "file_only", False))
     for handler in handlers:
         logger.addHandler(handler)
     try:

@@ -109,7 +109,8 @@ def _timed(timings: dict, name: str):
 def run_pipeline(config: PruneConfig, model: nn.Module | None = None, tokenizer=None, *,
                  importance: LayerImportance | None = None,
                  importance_config: str | Path | None = None, copy_model: bool = True,
-                 evaluate: bool = True, progress: Progress | None = None) -> PipelineResult:
+                 evaluate: bool = True, progress: Progress | None = None,
+                 check_plan: Callable[[UnitAllocation], None] | None = None) -> PipelineResult:
     """Prune according to ``config``.
 
     Args:
@@ -118,6 +119,8 @@ def run_pipeline(config: PruneConfig, model: nn.Module | None = None, tokenizer=
         importance / importance_config: layer scores to reuse instead of computing them.
         evaluate: measure perplexity before and after on ``config.eval_datasets`` (and, with
             recovery, again after it).
+        check_plan: called with the unit allocation before any unit is scored or cut; it may
+            raise to stop the run (the CLI refuses a plan that removes far less than asked).
 
     With ``config.recovery`` the dense model is kept as the teacher until recovery ends: the
     caller's model when it is copied anyway, else a copy taken before cutting (one more model
@@ -152,6 +155,8 @@ def run_pipeline(config: PruneConfig, model: nn.Module | None = None, tokenizer=
         raise ValueError(f"layer importance has {len(importance.scores)} scores, model has "
                          f"{len(shapes_before)} layers")
     rates, allocation = plan_units(config, model, importance)
+    if check_plan is not None:
+        check_plan(allocation)
     ppl_before = _evaluate(config, model, tokenizer, evaluate, timings, "evaluate_before",
                            report_progress)
     with _timed(timings, "prune"):
