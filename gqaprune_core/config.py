@@ -17,6 +17,7 @@ UnitImportance = Literal["taylor", "magnitude", "activation", "random", "naive-h
 RatioOf = Literal["prunable", "total"]
 GroupRounding = Literal["across", "per_layer"]
 Recovery = Literal["none", "lora", "full"]
+Layerwise = Literal["auto", "on", "off"]
 
 IMPORTANCE_METHODS = ("removal", "activation", "block_influence")
 STRATEGIES = ("inverse", "proportional", "uniform")
@@ -24,6 +25,7 @@ MODES = ("sequential", "one-shot")
 UNIT_METHODS = ("taylor", "magnitude", "activation", "random", "naive-heads")
 GROUP_ROUNDINGS = ("across", "per_layer")
 RECOVERY_METHODS = ("none", "lora", "full")
+LAYERWISE_CHOICES = ("auto", "on", "off")
 # Learning rates of recovery when none is given, chosen on held-out calibration text
 # (benchmarks/select_recovery.py, BENCHMARKS.md): LoRA's adapters start at zero and need a
 # larger step than full fine-tuning, which moves weights that are mostly right already.
@@ -85,11 +87,16 @@ class PruneConfig:
     seed: int = 0
     device: str = "auto"
     dtype: str | None = None
+    # Layer-wise: one decoder layer at a time from the weights on disk into output shards
+    # (gqaprune_core.layerwise), for models larger than the device. "auto": when the model's
+    # weights would not fit the device's free memory with margin.
+    layerwise: Layerwise = "auto"
 
     def __post_init__(self) -> None:
         choices = {"importance_method": IMPORTANCE_METHODS, "pruning_strategy": STRATEGIES,
                    "mode": MODES, "unit_importance": UNIT_METHODS, "ratio_of": ("prunable", "total"),
-                   "group_rounding": GROUP_ROUNDINGS, "recovery": RECOVERY_METHODS}
+                   "group_rounding": GROUP_ROUNDINGS, "recovery": RECOVERY_METHODS,
+                   "layerwise": LAYERWISE_CHOICES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}; choose one of {', '.join(allowed)}")
