@@ -91,6 +91,10 @@ class PruneConfig:
     # (gqaprune_core.layerwise), for models larger than the device. "auto": when the model's
     # weights would not fit the device's free memory with margin.
     layerwise: Layerwise = "auto"
+    # In memory on several devices (accelerate's big-model dispatch): device_map "auto" spreads
+    # the layers over the GPUs (then CPU, then disk); max_memory e.g. "0=20GiB,1=20GiB,cpu=64GiB".
+    device_map: str | None = None
+    max_memory: str | None = None
 
     def __post_init__(self) -> None:
         choices = {"importance_method": IMPORTANCE_METHODS, "pruning_strategy": STRATEGIES,
@@ -120,6 +124,10 @@ class PruneConfig:
         if self.layer_start < 0 or (self.layer_end is not None and self.layer_end <= self.layer_start):
             raise ValueError(f"layer range [{self.layer_start}, {self.layer_end}) is empty or negative")
         self._check_recovery()
+        if self.device_map not in (None, "auto"):
+            raise ValueError(f"device_map={self.device_map!r}; choose 'auto' or None (one device)")
+        if self.max_memory is not None and self.device_map is None:
+            raise ValueError("max_memory needs device_map='auto' (--device_map auto)")
         if not (self.prune_attention or self.prune_mlp):
             raise ValueError("nothing to prune: both prune_attention and prune_mlp are off")
         if isinstance(self.eval_datasets, list):

@@ -233,7 +233,36 @@ def _load_gguf(path: Path, dtype: torch.dtype):
     return model, tokenizer
 
 
-def _load_hf_dir(path: Path, dtype: torch.dtype):
+def parse_max_memory(text: str | None) -> dict[int | str, str] | None:
+    """``"0=20GiB,1=20GiB,cpu=64GiB"`` → ``{0: "20GiB", 1: "20GiB", "cpu": "64GiB"}``.
+
+    Raises:
+        ValueError: an entry without ``=``, or a device that is not a GPU index, cpu or disk.
+    """
+    if text is None:
+        return None
+    limits: dict[int | str, str] = {}
+    for entry in filter(None, (part.strip() for part in text.split(","))):
+        device, sep, size = entry.partition("=")
+        device, size = device.strip(), size.strip()
+        if not sep or not size or not (device.isdigit() or device in ("cpu", "disk")):
+            raise ValueError(f"max_memory entry {entry!r} is not DEVICE=SIZE with DEVICE a GPU "
+                             "index, cpu or disk (e.g. '0=20GiB,1=20GiB,cpu=64GiB')")
+        limits[int(device) if device.isdigit() else device] = size
+    return limits
+
+
+def _dispatch_settings(device_map: str | None, max_memory: str | None) -> dict:
+    """from_pretrained keywords for accelerate's big-model dispatch (none without a map)."""
+    if device_map is None:
+        return {}
+    folder = cache_dir() / "offload"
+    folder.mkdir(parents=True, exist_ok=True)
+    return {"device_map": device_map, "max_memory": parse_max_memory(max_memory),
+            "offload_folder": tempfile.mkdtemp(prefix="run-", dir=folder)}
+
+
+def _load_hf_dir(path: Path, dtype: torch.dtype, dispatch: dict | None = None):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if not (path / "config.json").is_file():
@@ -243,13 +272,19 @@ def _load_hf_dir(path: Path, dtype: torch.dtype):
         raise ModelLoadError(
             f"{path} holds a {config.model_type} model; gqaprune needs a decoder-only model with "
             "grouped-query attention (Llama, Mistral, Qwen2, SmolLM2)")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **(dispatch or {}))
     return model, AutoTokenizer.from_pretrained(path)
 
 
 def load_model(source: str | os.PathLike = "demo", device: str = "auto",
-               dtype: str | torch.dtype | None = None):
+               dtype: str | torch.dtype | None = None, *, device_map: str | None = None,
+               max_memory: str | None = None):
     """Load ``(model, tokenizer)`` in eval mode on the chosen device.
+
+    With ``device_map="auto"`` (Hugging Face directories and the demo model) accelerate
+    spreads the layers over the GPUs, then CPU, then disk (an offload folder under
+    ``cache/offload``), within ``max_memory`` (see :func:`parse_max_memory`); its hooks move
+    each layer's inputs to that layer's device. ``device`` then only picks the dtype.
 
     Raises:
         ModelLoadError: a missing path, a non-decoder model, a GGUF file without tokenizer, or
@@ -264,8 +299,12 @@ def load_model(source: str | os.PathLike = "demo", device: str = "auto",
         model, tokenizer = tiny_model(), char_tokenizer()
         for param in model.parameters():  # buffers such as RoPE's inv_freq stay fp32
             param.data = param.data.to(torch_dtype)
+    elif device_map is not None and (text in ("tiny",) or text.endswith(".gguf")):
+        raise ModelLoadError(f"device_map needs a Hugging Face model directory or 'demo', not "
+                             f"{text!r}; use --device instead")
     elif text == "demo":
-        model, tokenizer = _load_hf_dir(demo_model_dir(), torch_dtype)
+        model, tokenizer = _load_hf_dir(demo_model_dir(), torch_dtype,
+                                        _dispatch_settings(device_map, max_memory))
     else:
         path = Path(text).expanduser()
         if not path.exists():
@@ -273,10 +312,13 @@ def load_model(source: str | os.PathLike = "demo", device: str = "auto",
         if path.is_file() and path.suffix == ".gguf":
             model, tokenizer = _load_gguf(path, torch_dtype)
         elif path.is_dir():
-            model, tokenizer = _load_hf_dir(path, torch_dtype)
+            model, tokenizer = _load_hf_dir(path, torch_dtype,
+                                            _dispatch_settings(device_map, max_memory))
         else:
             raise ModelLoadError(f"{str(path)!r} is neither a model directory nor a .gguf file")
     layout(model)  # refuses models that are not groupable, with the layer named
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if device_map is not None:
+        return model.eval(), tokenizer  # accelerate placed every module
     return model.to(target).eval(), tokenizer

@@ -185,3 +185,44 @@ def test_demo_model_layerwise_equals_in_memory(demo, tmp_path):
     _assert_same_run(in_memory, layerwise, tmp_path / "out", atol=1e-4)
     assert layerwise.ppl_before[0].value == pytest.approx(in_memory.ppl_before[0].value,
                                                           rel=1e-5)
+
+
+# ---- command line ------------------------------------------------------------------------------
+
+def _cli_args(path, out, *extra: str) -> list[str]:
+    return ["--base_model", str(path), "--device", "cpu", "--preset", "default",
+            "--importance_samples", "4", "--num_examples", "4", "--eval_seq_len", "32",
+            "--max_eval_windows", "2", "--channel_multiple", "1", "--pruning_ratio", "0.1",
+            "--output_dir", str(out), "--quiet", *extra]
+
+
+def test_cli_layerwise_writes_the_model_and_reports_layers(make_tiny, tmp_path):
+    from gqaprune_core import cli
+
+    _, _, path = _saved(make_tiny, tmp_path)
+    run = cli.execute(_cli_args(path, tmp_path / "runs", "--layerwise", "on",
+                                "--save_ckpt_log_name", "lw", "--test_after_prune"))
+    in_memory = cli.execute(_cli_args(path, tmp_path / "runs", "--layerwise", "off",
+                                      "--save_ckpt_log_name", "mem", "--test_after_prune",
+                                      "--save_model"))
+    assert run.report["layerwise"]["stages"]["prune"]["layers"] == 3
+    assert run.report["model_dir"] == str((tmp_path / "runs" / "lw" / "model").resolve())
+    assert "layerwise" not in in_memory.report
+    assert run.result.plan == in_memory.result.plan
+    for corpus, entry in in_memory.report["ppl_after"].items():
+        assert run.report["ppl_after"][corpus]["value"] == pytest.approx(entry["value"])
+    loaded, _ = load_pruned(tmp_path / "runs" / "lw" / "model")
+    assert layout(loaded) == layout(in_memory.result.model)
+
+
+def test_cli_refuses_taylor_layerwise_in_one_line(make_tiny, tmp_path, capsys):
+    from gqaprune_core import cli
+
+    _, _, path = _saved(make_tiny, tmp_path)
+    capsys.readouterr()  # save_pretrained's own progress bar
+    code = cli.main(_cli_args(path, tmp_path / "runs", "--layerwise", "on", "--prune_attention",
+                              "--unit_importance", "taylor"))
+    err = capsys.readouterr().err
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert "Taylor scores need gradients through the whole model" in err
+    assert "--layerwise off" in err and not (tmp_path / "runs").exists()

@@ -97,10 +97,10 @@ def _progress_steps(progress: Progress | None, on_step: OnStep | None,
                     record: list[LayerStep]) -> OnStep:
     def step(event: LayerStep) -> None:
         record.append(event)
-        if progress is not None:
-            progress(event.stage, event.index + 1, event.total)
         if on_step is not None:
             on_step(event)
+        if progress is not None:
+            progress(event.stage, event.index + 1, event.total)
     return step
 
 

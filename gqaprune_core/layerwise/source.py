@@ -116,8 +116,14 @@ def load_tokenizer(source: ModelSource):
     return tokenizer
 
 
+def meta_skeleton(source: ModelSource) -> nn.Module:
+    """The causal LM of ``source``'s config with every parameter on the meta device (no
+    memory), cut to the stored plan's shapes for a gqaprune checkpoint: enough for shapes,
+    parameter counts and the rate schedule."""
+    return _meta_model(source.config, source.plan)
+
+
 def _meta_model(config, plan: PruningPlan | None) -> nn.Module:
-    """The causal LM of ``config`` with meta parameters, cut to ``plan``'s shapes if given."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
@@ -125,6 +131,7 @@ def _meta_model(config, plan: PruningPlan | None) -> nn.Module:
 
     with init_empty_weights(include_buffers=False):  # rotary inv_freq stays real
         model = AutoModelForCausalLM.from_config(config)
+    model.tie_weights()  # accelerate's patch breaks ties made inside the context; redo them
     if plan is not None:
         first = layout(model)[0]  # config.json states the skeleton every layer fits into
         skeleton = (first.q_heads, first.kv_heads, first.head_dim, first.mlp_width)
