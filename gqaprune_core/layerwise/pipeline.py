@@ -37,7 +37,7 @@ from gqaprune_core.schedule import UnitAllocation
 
 MEMORY_MARGIN = 1.3  # in memory: weights x this + MEMORY_RESERVE must fit the free memory
 MEMORY_RESERVE = 2 * 2**30  # activations, the LM head's logits, the allocator's slack
-LAYERWISE_SHARD_BYTES = 2 * 10**9  # the writer holds up to one shard in RAM: keep it small
+LAYERWISE_SHARD_BYTES = 10**9  # the writer holds up to one shard in RAM (twice while writing it)
 
 
 def check_streamable(config: PruneConfig) -> None:
