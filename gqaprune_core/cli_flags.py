@@ -11,9 +11,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from gqaprune_core.config import (GROUP_ROUNDINGS, IMPORTANCE_METHODS, MODES, PRESETS,
-                                  RECOVERY_DEFAULT_LR, RECOVERY_METHODS, STRATEGIES, UNIT_METHODS,
-                                  PruneConfig)
+from gqaprune_core.config import (GROUP_ROUNDINGS, IMPORTANCE_METHODS, LAYERWISE_CHOICES,
+                                  MODES, PRESETS, RECOVERY_DEFAULT_LR, RECOVERY_METHODS,
+                                  STRATEGIES, UNIT_METHODS, PruneConfig)
 
 DEFAULT_PRESET = "original"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -26,7 +26,7 @@ CONFIG_FLAGS = (
     "refit_feedback",
     "calibration_dataset", "eval_datasets", "eval_seq_len", "max_eval_windows", "seed", "device",
     "dtype", "recovery", "recovery_steps", "recovery_time_s", "recovery_lr", "recovery_batch_size",
-    "recovery_seq_len", "recovery_samples",
+    "recovery_seq_len", "recovery_samples", "layerwise", "device_map", "max_memory",
 )
 
 
@@ -77,6 +77,16 @@ def _add_model_flags(parser: argparse.ArgumentParser, d: PruneConfig) -> None:
                        f"'cpu', 'cuda', 'cuda:1', ... (default: {d.device})")
     group.add_argument("--dtype", choices=DTYPES, help=(
         "weight dtype; 'auto' is bfloat16 on GPU, float32 on CPU (default: auto)"))
+    group.add_argument("--layerwise", choices=LAYERWISE_CHOICES, help=(
+        "'on': prune one decoder layer at a time from the weights on disk into the output "
+        "shards (models larger than the device; forward-only settings such as the default "
+        "preset); 'off': load the whole model; 'auto': layer-wise when the weights would not "
+        f"fit the device's free memory (default: {d.layerwise})"))
+    group.add_argument("--device_map", choices=("auto",), help=(
+        "in memory: spread the model over all GPUs (then CPU, then disk) with accelerate, "
+        "instead of one --device (default: one device)"))
+    group.add_argument("--max_memory", metavar="DEV=SIZE,...", help=(
+        "with --device_map: memory per device, e.g. '0=20GiB,1=20GiB,cpu=64GiB'"))
     group.add_argument("--seed", type=int, help=f"seed of calibration sampling and random "
                        f"scores (default: {d.seed})")
     group.add_argument("--allow_pickle", action="store_true", help=(

@@ -17,6 +17,7 @@ UnitImportance = Literal["taylor", "magnitude", "activation", "random", "naive-h
 RatioOf = Literal["prunable", "total"]
 GroupRounding = Literal["across", "per_layer"]
 Recovery = Literal["none", "lora", "full"]
+Layerwise = Literal["auto", "on", "off"]
 
 IMPORTANCE_METHODS = ("removal", "activation", "block_influence")
 STRATEGIES = ("inverse", "proportional", "uniform")
@@ -24,6 +25,7 @@ MODES = ("sequential", "one-shot")
 UNIT_METHODS = ("taylor", "magnitude", "activation", "random", "naive-heads")
 GROUP_ROUNDINGS = ("across", "per_layer")
 RECOVERY_METHODS = ("none", "lora", "full")
+LAYERWISE_CHOICES = ("auto", "on", "off")
 # Learning rates of recovery when none is given, chosen on held-out calibration text
 # (benchmarks/select_recovery.py, BENCHMARKS.md): LoRA's adapters start at zero and need a
 # larger step than full fine-tuning, which moves weights that are mostly right already.
@@ -85,11 +87,20 @@ class PruneConfig:
     seed: int = 0
     device: str = "auto"
     dtype: str | None = None
+    # Layer-wise: one decoder layer at a time from the weights on disk into output shards
+    # (gqaprune_core.layerwise), for models larger than the device. "auto": when the model's
+    # weights would not fit the device's free memory with margin.
+    layerwise: Layerwise = "auto"
+    # In memory on several devices (accelerate's big-model dispatch): device_map "auto" spreads
+    # the layers over the GPUs (then CPU, then disk); max_memory e.g. "0=20GiB,1=20GiB,cpu=64GiB".
+    device_map: str | None = None
+    max_memory: str | None = None
 
     def __post_init__(self) -> None:
         choices = {"importance_method": IMPORTANCE_METHODS, "pruning_strategy": STRATEGIES,
                    "mode": MODES, "unit_importance": UNIT_METHODS, "ratio_of": ("prunable", "total"),
-                   "group_rounding": GROUP_ROUNDINGS, "recovery": RECOVERY_METHODS}
+                   "group_rounding": GROUP_ROUNDINGS, "recovery": RECOVERY_METHODS,
+                   "layerwise": LAYERWISE_CHOICES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}; choose one of {', '.join(allowed)}")
@@ -113,6 +124,10 @@ class PruneConfig:
         if self.layer_start < 0 or (self.layer_end is not None and self.layer_end <= self.layer_start):
             raise ValueError(f"layer range [{self.layer_start}, {self.layer_end}) is empty or negative")
         self._check_recovery()
+        if self.device_map not in (None, "auto"):
+            raise ValueError(f"device_map={self.device_map!r}; choose 'auto' or None (one device)")
+        if self.max_memory is not None and self.device_map is None:
+            raise ValueError("max_memory needs device_map='auto' (--device_map auto)")
         if not (self.prune_attention or self.prune_mlp):
             raise ValueError("nothing to prune: both prune_attention and prune_mlp are off")
         if isinstance(self.eval_datasets, list):
