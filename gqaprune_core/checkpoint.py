@@ -53,18 +53,19 @@ import torch
 from torch import nn
 
 from gqaprune_core.export.hf_config import CONFIG_NAME, layer_lists, read_base_config, \
-    read_config_dict, write_config
-from gqaprune_core.export.manifest import ManifestError, verify_manifest, write_manifest
-from gqaprune_core.export.model_card import CARD_NAME, CardInfo, write_card
+    read_config_dict
+from gqaprune_core.export.checkpoint_files import PLAN_NAME, before_skeleton, \
+    write_checkpoint_files
+from gqaprune_core.export.manifest import ManifestError, verify_manifest
+from gqaprune_core.export.model_card import CardInfo
 from gqaprune_core.export.shards import INDEX_NAME, SINGLE_NAME, LazyWeights, ShardError, \
-    ShardWriter, has_weights, parse_size
+    has_weights, parse_size
 from gqaprune_core.export.staging import staged
 from gqaprune_core.models import layout, pick_device, pick_dtype
 from gqaprune_core.plan import LayerPlan, PruningPlan, identity_plan
 
 WEIGHTS_NAME = SINGLE_NAME  # or shards + INDEX_NAME
 DEFAULT_MAX_SHARD_SIZE = "5GB"
-PLAN_NAME = "gqaprune_plan.json"
 GENERATION_NAME = "generation_config.json"
 GENERIC_TOKENIZERS = ("PreTrainedTokenizerFast", "TokenizersBackend")
 
@@ -147,36 +148,13 @@ def skeleton_shapes(plan: PruningPlan) -> Shapes:
     return before_skeleton(plan)
 
 
-def before_skeleton(plan: PruningPlan) -> Shapes:
-    """Per-dimension maximum of the plan's *before* shapes (uniform D and q_per_kv assumed)."""
-    groups = max(p.kv_heads_before for p in plan.layers)
-    first = plan.layers[0]
-    return (groups * first.q_per_kv, groups, first.head_dim,
-            max(p.mlp_before for p in plan.layers))
-
-
 def _write_files(model: nn.Module, tokenizer, plan: PruningPlan, staging: Path,
                  shard_bytes: int, card: CardInfo) -> None:
     tensors = unique_state_dict(model)
-    with ShardWriter(staging, max_shard_bytes=shard_bytes) as writer:
-        for name, tensor in tensors.items():
-            writer.add(name, tensor)
-    dtype = next(t.dtype for t in tensors.values() if t.is_floating_point())
-    del tensors
-    layer_shapes = [(p.q_heads, p.kv_heads, p.head_dim, p.mlp) for p in plan.layers]
-    kind = write_config(model.config, layer_shapes, before_skeleton(plan), staging,
-                        type(model).__name__, dtype)
-    # safetensors writes 0600; give the weights the umask-derived mode of an ordinary file.
-    mode = (staging / CONFIG_NAME).stat().st_mode & 0o777
-    for name in writer.files:
-        os.chmod(staging / name, mode)
-    plan.save(staging / PLAN_NAME)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(staging)
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(staging)
-    write_card(staging / CARD_NAME, model, plan, kind, card)
-    write_manifest(staging)
+    write_checkpoint_files(staging, tensors.items(), model.config, plan,
+                           architecture=type(model).__name__, tokenizer=tokenizer,
+                           generation_config=getattr(model, "generation_config", None),
+                           max_shard_bytes=shard_bytes, card=card)
 
 
 def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -242,7 +220,7 @@ def load_pruned(directory: str | os.PathLike, device: str | torch.device = "cpu"
             validate(model)
         except SurgeryError as err:
             raise CheckpointError(f"{path}: the loaded model fails validation: {err}") from err
-    return model, _read_tokenizer(path, config)
+    return model, read_tokenizer(path, config)
 
 
 def _require_files(path: Path) -> None:
@@ -285,7 +263,7 @@ def _read_config(path: Path, plan: PruningPlan):
     return config
 
 
-def _read_tokenizer(path: Path, config):
+def read_tokenizer(path: Path, config):
     """The saved tokenizer, or ``None``; a generic one is loaded from tokenizer.json as is.
 
     AutoTokenizer may pick a class from config.json's model_type instead of the saved

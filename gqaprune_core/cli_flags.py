@@ -91,8 +91,8 @@ def _add_model_flags(parser: argparse.ArgumentParser, d: PruneConfig) -> None:
                        f"scores (default: {d.seed})")
     group.add_argument("--allow_pickle", action="store_true", help=(
         "read a model directory whose only weights are pickled (pytorch_model.bin), with "
-        "torch's weights_only unpickler; without it such a directory is refused (convert it "
-        "to safetensors)"))
+        "torch's restricted (weights-only) unpickler; without it such a directory is refused "
+        "(convert it to safetensors)"))
     group.add_argument("--preset", choices=sorted(PRESETS), help=(
         f"start from this preset's settings; explicit flags override them (default: "
         f"{DEFAULT_PRESET}, with the MLP left whole unless --prune_mlp)"))

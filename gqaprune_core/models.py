@@ -299,7 +299,7 @@ def load_model(source: str | os.PathLike = "demo", device: str = "auto",
     """Load ``(model, tokenizer)`` in eval mode on the chosen device.
 
     ``allow_pickle``: read a directory whose only weights are ``pytorch_model.bin`` (torch's
-    ``weights_only`` unpickler); by default such a directory is refused.
+    restricted unpickler, see :mod:`gqaprune_core.model_files`); by default it is refused.
 
     With ``device_map="auto"`` (Hugging Face directories and the demo model) accelerate
     spreads the layers over the GPUs, then CPU, then disk (an offload folder under

@@ -281,11 +281,19 @@ def _unsafe_loads(tree: ast.AST) -> list[str]:
     return found
 
 
+# The one module that may let transformers read pickled weights, and only behind the user's
+# explicit allow_pickle (it names torch's weights_only unpickler in its messages).
+PICKLE_OPT_IN = "model_files.py"
+
+
 def test_no_module_unpickles_anything():
     offenders = {}
     for path in sorted(PACKAGE.rglob("*.py")):
         found = _unsafe_loads(ast.parse(path.read_text(), filename=str(path)))
+        if path.name == PICKLE_OPT_IN:  # imports pickle for its exception type only
+            found = [name for name in found if name != "pickle"]
         text = path.read_text()
-        if found or "torch.load(" in text or "weights_only" in text:
+        mentions = "torch.load(" in text or ("weights_only" in text and path.name != PICKLE_OPT_IN)
+        if found or mentions:
             offenders[path.name] = found or ["torch.load( / weights_only in text"]
     assert offenders == {}

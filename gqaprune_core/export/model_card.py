@@ -17,7 +17,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from torch import nn
 
 from gqaprune_core.plan import PruningPlan
 
@@ -47,14 +46,14 @@ class CardInfo:
     report: Mapping[str, object] = field(default_factory=dict)
 
 
-def _base_model(model: nn.Module, info: CardInfo) -> str:
+def _base_model(config, info: CardInfo) -> str:
     return str(info.base_model or info.settings.get("base_model")
-               or info.report.get("model") or getattr(model.config, "_name_or_path", "")
+               or info.report.get("model") or getattr(config, "_name_or_path", "")
                or "unknown")
 
 
-def _header(model: nn.Module, info: CardInfo) -> list[str]:
-    base = _base_model(model, info)
+def _header(config, info: CardInfo) -> list[str]:
+    base = _base_model(config, info)
     lines = ["---", "library_name: transformers", "tags: [gqaprune, pruned, gqa]"]
     if base.count("/") == 1 and not Path(base).exists():  # looks like a hub id
         lines.append(f"base_model: {base}")
@@ -155,9 +154,9 @@ def _runtimes(kind: str) -> list[str]:
     return lines
 
 
-def card_text(model: nn.Module, plan: PruningPlan, kind: str, info: CardInfo) -> str:
+def card_text(config, plan: PruningPlan, kind: str, info: CardInfo) -> str:
     """The card as Markdown; ``kind`` is the config kind (see ``hf_config.config_kind``)."""
-    lines = (_header(model, info) + _settings(info) + _layers(plan)
+    lines = (_header(config, info) + _settings(info) + _layers(plan)
              + _perplexities(info.report) + _loading(kind))
     lines += ["", "## Integrity", "",
               "`gqaprune_manifest.json` holds the size and SHA-256 of every file; `load_pruned` "
@@ -166,5 +165,6 @@ def card_text(model: nn.Module, plan: PruningPlan, kind: str, info: CardInfo) ->
     return "\n".join(lines) + "\n"
 
 
-def write_card(path: Path, model: nn.Module, plan: PruningPlan, kind: str, info: CardInfo) -> None:
-    path.write_text(card_text(model, plan, kind, info))
+def write_card(path: Path, config, plan: PruningPlan, kind: str, info: CardInfo) -> None:
+    """Write the card for a model of Hugging Face ``config`` pruned by ``plan``."""
+    path.write_text(card_text(config, plan, kind, info))

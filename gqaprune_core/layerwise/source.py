@@ -25,6 +25,8 @@ import torch
 from torch import nn
 
 from gqaprune_core.checkpoint import PLAN_NAME, shape_plan
+from gqaprune_core.export.hf_config import read_base_config
+from gqaprune_core.export.manifest import ManifestError, verify_manifest
 from gqaprune_core.export.shards import LazyWeights, ShardError, has_weights
 from gqaprune_core.models import ModelLoadError, decoder_layers, layout
 from gqaprune_core.plan import PruningPlan
@@ -95,11 +97,16 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 def open_source(source: str | os.PathLike) -> ModelSource:
     """Open ``source`` (see :func:`resolve_source`) without reading any weights."""
-    from transformers import AutoConfig
 
     path = resolve_source(source)
     try:
-        config = AutoConfig.from_pretrained(path)
+        verify_manifest(path)  # a gqaprune checkpoint's SHA-256 digests (GQAPRUNE_NO_VERIFY=1 skips)
+    except ManifestError as err:
+        raise ModelLoadError(str(err)) from err
+    try:
+        # A gqaprune checkpoint's config may name remote code (per-layer shapes): read its base
+        # config instead, which never runs that code.
+        config = read_base_config(path)
     except (OSError, ValueError, KeyError) as err:
         raise ModelLoadError(f"{path / 'config.json'}: unreadable config: {err}") from err
     plan = PruningPlan.load(path / PLAN_NAME) if (path / PLAN_NAME).is_file() else None
@@ -108,9 +115,9 @@ def open_source(source: str | os.PathLike) -> ModelSource:
 
 def load_tokenizer(source: ModelSource):
     """The tokenizer saved beside the weights (pad token set to EOS when missing)."""
-    from gqaprune_core.checkpoint import _read_tokenizer
+    from gqaprune_core.checkpoint import read_tokenizer
 
-    tokenizer = _read_tokenizer(source.path)
+    tokenizer = read_tokenizer(source.path, source.config)
     if tokenizer is None:
         raise ModelLoadError(f"{source.path} holds no tokenizer files")
     return tokenizer
