@@ -1,7 +1,7 @@
 """GGUF export, checked by running the files in llama.cpp (llama-cpp-python).
 
-Tiny seeded models get the demo model's real byte-level BPE tokenizer (so their vocabulary is
-49152 rows; hidden 48 keeps the files ~10 MB). Tolerances: an f32 export run with an f32 KV
+Tiny seeded models get a real byte-level BPE tokenizer trained on a fixed text
+(:func:`gqaprune_core.tiny.tiny_bpe_tokenizer`, 400 tokens), so files stay well under 1 MB. Tolerances: an f32 export run with an f32 KV
 cache differs from PyTorch only by summation order; on these models that is ~1e-6 with logits
 up to ~3, so 1e-4 leaves a 100x margin and still fails on any real mistake (a wrong rotary
 permutation or a missing bias moves logits by > 0.1). f16 weights carry 11-bit mantissas
@@ -21,22 +21,21 @@ from gqaprune_core.export import gguf as gguf_export
 from gqaprune_core.export.__main__ import main as export_main
 from gqaprune_core.export.gguf import GgufExportError, export_gguf, write_gguf
 from gqaprune_core.export.gguf_tokenizer import TokenizerConversionError
-from gqaprune_core.models import demo_model_dir, layout
+from gqaprune_core.models import layout
 from gqaprune_core.plan import LayerPlan, PruningPlan
 from gqaprune_core.surgery import apply_plan_
-from gqaprune_core.tiny import tiny_model
+from gqaprune_core.tiny import tiny_bpe_tokenizer, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-VOCAB = 49152
+VOCAB = 400
 TEXT = "The quick brown fox jumps over the lazy dog; Grüße aus Köln, 42 times!"
 F32_ATOL, F16_ATOL = 1e-4, 2e-2
 
 
 @pytest.fixture(scope="module")
-def smol_tokenizer():
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(demo_model_dir())
+def bpe_tokenizer():
+    """A byte-level BPE tokenizer of VOCAB tokens."""
+    return tiny_bpe_tokenizer(VOCAB)
 
 
 def llama_cpp():
@@ -86,14 +85,14 @@ def torch_greedy(model, ids: list[int], new_tokens: int) -> list[int]:
 
 @pytest.mark.parametrize("architecture,schedule,expected", CASES)
 def test_f32_export_matches_pytorch_logits_and_greedy_tokens(
-        architecture, schedule, expected, smol_tokenizer, tmp_path):
+        architecture, schedule, expected, bpe_tokenizer, tmp_path):
     llama_cpp()
     from gqaprune_core.export.gguf_check import llama_greedy, llama_logits, open_llama
 
     model = make_model(architecture, schedule)
-    result = write_gguf(model, smol_tokenizer, tmp_path / "m.gguf", "f32")
+    result = write_gguf(model, bpe_tokenizer, tmp_path / "m.gguf", "f32")
     assert result.architecture == expected
-    ids = smol_tokenizer(TEXT)["input_ids"]
+    ids = bpe_tokenizer(TEXT)["input_ids"]
     reference = torch_logits(model, ids)
     with open_llama(result.path, n_ctx=64) as llm:
         got = llama_logits(llm, ids)
@@ -103,11 +102,11 @@ def test_f32_export_matches_pytorch_logits_and_greedy_tokens(
 
 
 def test_per_layer_shapes_are_written_as_deci_arrays_and_tied_output_is_omitted(
-        smol_tokenizer, tmp_path):
+        bpe_tokenizer, tmp_path):
     from gguf import GGUFReader
 
     model = make_model("llama", "per_layer")
-    path = write_gguf(model, smol_tokenizer, tmp_path / "m.gguf", "f32").path
+    path = write_gguf(model, bpe_tokenizer, tmp_path / "m.gguf", "f32").path
     reader = GGUFReader(str(path))
     field = reader.fields
     assert field["general.architecture"].contents() == "deci"
@@ -120,10 +119,10 @@ def test_per_layer_shapes_are_written_as_deci_arrays_and_tied_output_is_omitted(
         == (48, 24)  # GGUF lists ne0 first: (E, H_1 * D)
 
 
-def test_untied_model_writes_output_weight_and_uniform_model_plain_llama(smol_tokenizer, tmp_path):
+def test_untied_model_writes_output_weight_and_uniform_model_plain_llama(bpe_tokenizer, tmp_path):
     from gguf import GGUFReader
 
-    path = write_gguf(make_model("llama", "uniform", tied=False), smol_tokenizer,
+    path = write_gguf(make_model("llama", "uniform", tied=False), bpe_tokenizer,
                       tmp_path / "m.gguf", "f32").path
     reader = GGUFReader(str(path))
     assert reader.fields["general.architecture"].contents() == "llama"
@@ -142,7 +141,7 @@ def test_rotary_permutation_interleaves_the_halves_of_each_head():
      "original_max_position_embeddings": 16},
     {"rope_type": "linear", "factor": 2.0},
 ])
-def test_rope_scaling_matches_pytorch(scaling, smol_tokenizer, tmp_path):
+def test_rope_scaling_matches_pytorch(scaling, bpe_tokenizer, tmp_path):
     llama_cpp()
     from transformers import LlamaForCausalLM
 
@@ -153,22 +152,22 @@ def test_rope_scaling_matches_pytorch(scaling, smol_tokenizer, tmp_path):
     config.rope_parameters = {"rope_theta": 10000.0} | scaling
     model = LlamaForCausalLM(config).eval()
     model.load_state_dict(base.state_dict())
-    ids = smol_tokenizer(TEXT)["input_ids"]
+    ids = bpe_tokenizer(TEXT)["input_ids"]
     reference = torch_logits(model, ids)
     assert np.abs(reference - torch_logits(base, ids)).max() > 1e-2  # the scaling matters here
-    path = write_gguf(model, smol_tokenizer, tmp_path / "m.gguf", "f32").path
+    path = write_gguf(model, bpe_tokenizer, tmp_path / "m.gguf", "f32").path
     with open_llama(path, n_ctx=64) as llm:
         assert np.abs(llama_logits(llm, ids) - reference).max() < F32_ATOL
 
 
-def test_half_and_q8_exports_stay_close_to_f32(smol_tokenizer, tmp_path):
+def test_half_and_q8_exports_stay_close_to_f32(bpe_tokenizer, tmp_path):
     llama_cpp()
     from gqaprune_core.export.gguf_check import (llama_logits, llama_perplexity, nll_sum,
                                                  open_llama)
 
     model = make_model("llama", "per_layer")
-    ids = smol_tokenizer(TEXT + " " + TEXT[::-1])["input_ids"]
-    paths = {kind: write_gguf(model, smol_tokenizer, tmp_path / f"{kind}.gguf", kind).path
+    ids = bpe_tokenizer(TEXT + " " + TEXT[::-1])["input_ids"]
+    paths = {kind: write_gguf(model, bpe_tokenizer, tmp_path / f"{kind}.gguf", kind).path
              for kind in ("f32", "f16", "bf16", "q8_0")}
     with open_llama(paths["f16"], n_ctx=128) as llm:
         assert np.abs(llama_logits(llm, ids) - torch_logits(model, ids)).max() < F16_ATOL
@@ -180,42 +179,42 @@ def test_half_and_q8_exports_stay_close_to_f32(smol_tokenizer, tmp_path):
     assert paths["q8_0"].stat().st_size < 0.6 * paths["f32"].stat().st_size
 
 
-def test_q4_k_m_goes_through_llama_cpps_quantizer(smol_tokenizer, tmp_path):
+def test_q4_k_m_goes_through_llama_cpps_quantizer(bpe_tokenizer, tmp_path):
     llama_cpp()
     from gguf import GGUFReader
 
     from gqaprune_core.export.gguf_check import llama_logits, open_llama
 
     model = make_model("llama", "per_layer")
-    result = write_gguf(model, smol_tokenizer, tmp_path / "q.gguf", "q4_k_m")
+    result = write_gguf(model, bpe_tokenizer, tmp_path / "q.gguf", "q4_k_m")
     assert GGUFReader(str(result.path)).fields["general.file_type"].contents() == 15
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q.gguf"]  # the f16 temp is gone
     with open_llama(result.path, n_ctx=32) as llm:
-        assert np.isfinite(llama_logits(llm, smol_tokenizer("Hello world")["input_ids"])).all()
+        assert np.isfinite(llama_logits(llm, bpe_tokenizer("Hello world")["input_ids"])).all()
 
 
-def test_q4_k_m_without_llama_cpp_python_is_a_clear_error(smol_tokenizer, tmp_path, monkeypatch):
+def test_q4_k_m_without_llama_cpp_python_is_a_clear_error(bpe_tokenizer, tmp_path, monkeypatch):
     import sys
 
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import fails
     with pytest.raises(GgufExportError, match="llama-cpp-python"):
-        write_gguf(make_model("llama", "dense"), smol_tokenizer, tmp_path / "q.gguf", "q4_k_m")
+        write_gguf(make_model("llama", "dense"), bpe_tokenizer, tmp_path / "q.gguf", "q4_k_m")
     assert list(tmp_path.iterdir()) == []
 
 
-def test_existing_output_is_kept_unless_overwrite(smol_tokenizer, tmp_path):
+def test_existing_output_is_kept_unless_overwrite(bpe_tokenizer, tmp_path):
     target = tmp_path / "m.gguf"
     target.write_bytes(b"old")
     model = make_model("llama", "dense")
     with pytest.raises(GgufExportError, match="exists.*--overwrite"):
-        write_gguf(model, smol_tokenizer, target, "f16")
+        write_gguf(model, bpe_tokenizer, target, "f16")
     assert target.read_bytes() == b"old"
-    write_gguf(model, smol_tokenizer, target, "f16", overwrite=True)
+    write_gguf(model, bpe_tokenizer, target, "f16", overwrite=True)
     assert target.read_bytes()[:4] == b"GGUF"
 
 
 @pytest.mark.parametrize("failure", [RuntimeError("disk full"), KeyboardInterrupt()])
-def test_a_failed_or_interrupted_write_leaves_no_file(failure, smol_tokenizer, tmp_path,
+def test_a_failed_or_interrupted_write_leaves_no_file(failure, bpe_tokenizer, tmp_path,
                                                       monkeypatch):
     from gguf import GGUFWriter
 
@@ -224,14 +223,14 @@ def test_a_failed_or_interrupted_write_leaves_no_file(failure, smol_tokenizer, t
 
     monkeypatch.setattr(GGUFWriter, "write_tensors_to_file", broken)
     with pytest.raises(type(failure)):
-        write_gguf(make_model("llama", "dense"), smol_tokenizer, tmp_path / "m.gguf", "f32")
+        write_gguf(make_model("llama", "dense"), bpe_tokenizer, tmp_path / "m.gguf", "f32")
     assert list(tmp_path.iterdir()) == []
 
 
-def test_refusals_name_the_value(smol_tokenizer, tiny_tokenizer, tmp_path):
+def test_refusals_name_the_value(bpe_tokenizer, tiny_tokenizer, tmp_path):
     model = make_model("llama", "dense")
     with pytest.raises(GgufExportError, match="'q3_k'.*f32, f16"):
-        write_gguf(model, smol_tokenizer, tmp_path / "m.gguf", "q3_k")
+        write_gguf(model, bpe_tokenizer, tmp_path / "m.gguf", "q3_k")
     with pytest.raises(TokenizerConversionError, match="WordLevel"):
         write_gguf(tiny_model(), tiny_tokenizer, tmp_path / "m.gguf", "f32")
     with pytest.raises(TokenizerConversionError, match="no tokenizer"):
@@ -240,18 +239,18 @@ def test_refusals_name_the_value(smol_tokenizer, tiny_tokenizer, tmp_path):
     layer = biased.model.layers[0].self_attn
     layer.o_proj.bias = torch.nn.Parameter(torch.zeros(48))
     with pytest.raises(GgufExportError, match="o_proj"):
-        write_gguf(biased, smol_tokenizer, tmp_path / "m.gguf", "f32")
+        write_gguf(biased, bpe_tokenizer, tmp_path / "m.gguf", "f32")
     with pytest.raises(ValueError, match="not a Hugging Face model directory"):
         export_gguf(tmp_path, tmp_path / "m.gguf", "f32")
     assert list(tmp_path.iterdir()) == []
 
 
-def test_cli_exports_a_checkpoint_and_reports_bad_input_in_one_line(smol_tokenizer, tmp_path,
+def test_cli_exports_a_checkpoint_and_reports_bad_input_in_one_line(bpe_tokenizer, tmp_path,
                                                                    capsys):
     from gqaprune_core.checkpoint import save_pruned
 
     model = make_model("llama", "per_layer")
-    save_pruned(model, smol_tokenizer, None, tmp_path / "ckpt")
+    save_pruned(model, bpe_tokenizer, None, tmp_path / "ckpt")
     out = tmp_path / "m.gguf"
     argv = ["--pruned_model", str(tmp_path / "ckpt"), "--gguf", str(out), "--outtype", "q8_0"]
     assert export_main(argv) == 0
