@@ -308,3 +308,18 @@ def test_demo_model_pruned_per_layer_runs_in_llama_cpp(demo, tmp_path):
     f32_ppl, q8_ppl = (llama_perplexity(path, as_lists) for path in (f32.path, q8.path))
     assert f32_ppl == pytest.approx(torch_ppl, rel=1e-3)
     assert q8_ppl == pytest.approx(f32_ppl, rel=0.02)  # q8_0: stated bound 2 %
+
+
+def test_app_support_writes_the_runs_gguf_under_prune_log(bpe_tokenizer, tmp_path):
+    from types import SimpleNamespace
+
+    from gqaprune_core.app_support import export_run_gguf
+
+    run = SimpleNamespace(model=make_model("llama", "per_layer"), tokenizer=bpe_tokenizer,
+                          number=1, config=SimpleNamespace(base_model="demo", pruning_ratio=0.2))
+    path = export_run_gguf(run, "app-run", "q8_0", output_dir=tmp_path)
+    assert path == tmp_path / "app-run" / "model-q8_0.gguf" and path.read_bytes()[:4] == b"GGUF"
+    with pytest.raises(GgufExportError, match="exists"):
+        export_run_gguf(run, "app-run", "q8_0", output_dir=tmp_path)
+    with pytest.raises(ValueError, match="plain, non-empty directory name"):
+        export_run_gguf(run, "../x", "q8_0", output_dir=tmp_path)
