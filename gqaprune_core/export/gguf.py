@@ -26,6 +26,9 @@ with cut query heads loads and matches PyTorch (tests/test_gguf.py); older llama
 whose ``deci`` had no bias tensors, refuse such a file, while an MLP-only prune loads as ``llama``
 or ``deci`` with uniform bias shapes.
 
+Mistral is written as ``llama``; its sliding window is not (llama.cpp's ``llama`` has none), so
+the two agree up to the window length.
+
 What is refused (:class:`GgufExportError`): biases other than q/k/v (o_proj, MLP); rope scaling other than Llama-3 style or linear; a tokenizer :mod:`.gguf_tokenizer` cannot
 convert. Output is written beside the target and renamed into place, so an error or interrupt
 never leaves a partial file, and an existing file is replaced only with ``overwrite``.
