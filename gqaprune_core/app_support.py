@@ -519,3 +519,26 @@ def save_run(run: PruneRun, name: str, output_dir: str | os.PathLike = "prune_lo
     save_pruned(run.model, run.tokenizer, run.plan, paths.model, card=card)
     write_json_atomic(paths.report, run.report)
     return paths.root
+
+
+GGUF_OUT_TYPES = ("q8_0", "f16", "q4_k_m", "bf16", "f32")  # the page's order: a sane default first
+
+
+def export_run_gguf(run: PruneRun, name: str, outtype: str,
+                    output_dir: str | os.PathLike = "prune_log") -> Path:
+    """Write ``OUTPUT_DIR/NAME/model-OUTTYPE.gguf`` for llama.cpp / ollama (see export.gguf).
+
+    Raises:
+        ValueError: a bad name, a run without its model, an existing file, or a model or
+            tokenizer that GGUF cannot hold (GgufExportError, TokenizerConversionError).
+    """
+    from gqaprune_core.export.gguf import write_gguf
+    from gqaprune_core.outputs import run_paths
+
+    if run.model is None:
+        raise ValueError(f"run {run.number}'s model is no longer in memory; run it again to "
+                         "export it")
+    target = run_paths(output_dir, name.strip(), "app").root / f"model-{outtype}.gguf"
+    return write_gguf(run.model, run.tokenizer, target, outtype,
+                      name=f"{Path(str(run.config.base_model)).name} pruned "
+                           f"{run.config.pruning_ratio:.0%} (gqaprune)").path

@@ -369,3 +369,13 @@ def test_importing_the_library_never_imports_streamlit():
     code = ("import sys, gqaprune_core, gqaprune_core.app_support; "
             "sys.exit('streamlit' in sys.modules or 'plotly' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], cwd=Path(APP).parent).returncode == 0
+
+
+def test_export_page_offers_gguf_and_shows_a_refusal_as_a_message(app, tmp_path):
+    open_page(app, "5_prune")
+    click(app, "Prune a copy of the model")
+    open_page(app, "6_export")
+    app.selectbox(key="gguf_type_1").set_value("f16").run()
+    click(app, "Export GGUF")  # the tiny model's character tokenizer has no GGUF form
+    assert any("Could not export GGUF" in e.value and "WordLevel" in e.value for e in app.error)
+    assert not list((tmp_path / "prune_log").rglob("*.gguf"))
