@@ -52,8 +52,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gqaprune_core.export.hf_config import CONFIG_NAME, layer_lists, read_base_config, \
-    read_config_dict, write_config
+from gqaprune_core.export.hf_config import CONFIG_NAME, Shapes, before_skeleton, layer_lists, \
+    read_base_config, read_config_dict, skeleton_shapes, write_config
 from gqaprune_core.export.manifest import ManifestError, verify_manifest, write_manifest
 from gqaprune_core.export.model_card import CARD_NAME, CardInfo, write_card
 from gqaprune_core.export.shards import INDEX_NAME, SINGLE_NAME, LazyWeights, ShardError, \
@@ -67,9 +67,6 @@ DEFAULT_MAX_SHARD_SIZE = "5GB"
 PLAN_NAME = "gqaprune_plan.json"
 GENERATION_NAME = "generation_config.json"
 GENERIC_TOKENIZERS = ("PreTrainedTokenizerFast", "TokenizersBackend")
-
-Shapes = tuple[int, int, int, int]  # (H, G, D, I)
-
 
 class CheckpointError(ValueError):
     """A directory that is not a readable gqaprune checkpoint (named with the offending values)."""
@@ -134,27 +131,6 @@ def _checked_plan(model: nn.Module, plan: PruningPlan | None) -> PruningPlan:
     return plan
 
 
-def skeleton_shapes(plan: PruningPlan) -> Shapes:
-    """(H, G, D, I) that config.json states for ``plan`` (see the module docstring)."""
-    after = {(p.q_heads, p.kv_heads, p.head_dim, p.mlp) for p in plan.layers}
-    if len(after) == 1:
-        return after.pop()
-    head_dims = {p.head_dim for p in plan.layers}
-    ratios = {p.q_per_kv for p in plan.layers}
-    if len(head_dims) != 1 or len(ratios) != 1:
-        raise ValueError(f"layers differ in head_dim {sorted(head_dims)} or q_per_kv "
-                         f"{sorted(ratios)}; a Hugging Face config cannot describe that")
-    return before_skeleton(plan)
-
-
-def before_skeleton(plan: PruningPlan) -> Shapes:
-    """Per-dimension maximum of the plan's *before* shapes (uniform D and q_per_kv assumed)."""
-    groups = max(p.kv_heads_before for p in plan.layers)
-    first = plan.layers[0]
-    return (groups * first.q_per_kv, groups, first.head_dim,
-            max(p.mlp_before for p in plan.layers))
-
-
 def _write_files(model: nn.Module, tokenizer, plan: PruningPlan, staging: Path,
                  shard_bytes: int, card: CardInfo) -> None:
     tensors = unique_state_dict(model)
@@ -215,8 +191,8 @@ def load_pruned(directory: str | os.PathLike, device: str | torch.device = "cpu"
 
     Raises:
         CheckpointError: missing directory or files, a file that differs from the manifest, a
-            corrupt or unreadable file, a plan that does not fit the config, or weights whose names or shapes disagree with the plan
-            (the tensor and both shapes are named).
+            corrupt or unreadable file, a plan that does not fit the config, or weights whose
+            names or shapes disagree with the plan (the tensor and both shapes are named).
     """
     from gqaprune_core.surgery import SurgeryError, validate
 

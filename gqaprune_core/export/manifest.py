@@ -8,9 +8,9 @@ tokenizer, model card, remote code) with its size and SHA-256::
 
 :func:`verify_manifest` checks sizes and digests: hashing reads every byte once (about 1-2 GB/s
 on one core), which may be worth skipping for a 70B model with ``verify=False`` or the
-environment variable ``GQAPRUNE_NO_VERIFY=1`` (then the manifest is not read at all). Files that are not listed
-(added later by the user) are ignored; a folder without a manifest (saved by an older version)
-is accepted unchecked.
+environment variable ``GQAPRUNE_NO_VERIFY=1`` (then the manifest is not read at all). Files
+that are not listed (added later by the user) are ignored; a folder without a manifest (saved
+by an older version) is accepted unchecked.
 """
 
 from __future__ import annotations
