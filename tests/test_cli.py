@@ -215,10 +215,20 @@ def test_saved_model_has_card_and_manifest(tiny_run):
 
 
 def test_uniform_attention_run_saves_a_plain_sharded_model(tmp_path):
-    """The README's uniform recipe: attention only, uniform rates, per-layer rounding."""
+    """The README's uniform recipe: attention only, uniform rates, per-layer rounding. A staging
+    folder left by a killed save to the same place is removed by this --overwrite run."""
+    from gqaprune_core.export.staging import OWNER_NAME, owner_record
+
+    stale = tmp_path / "uniform" / ".model.saving-0badf00d"
+    stale.mkdir(parents=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    (stale / OWNER_NAME).write_text(json.dumps(owner_record() | {"pid": int(dead.stdout)}))
     run = cli.execute([*FAST, "--pruning_strategy", "uniform", "--group_rounding", "per_layer",
                        "--pruning_ratio", "0.5", "--save_model", "--max_shard_size", "20KB",
-                       "--output_dir", str(tmp_path), "--save_ckpt_log_name", "uniform"])
+                       "--output_dir", str(tmp_path), "--save_ckpt_log_name", "uniform",
+                       "--overwrite"])
+    assert not stale.exists()
     config = json.loads((run.paths.model / "config.json").read_text())
     assert config["model_type"] == "llama" and "auto_map" not in config
     assert (run.paths.model / "model.safetensors.index.json").is_file()
