@@ -52,10 +52,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gqaprune_core.export.hf_config import CONFIG_NAME, layer_lists, read_base_config, \
-    read_config_dict
-from gqaprune_core.export.checkpoint_files import PLAN_NAME, before_skeleton, \
-    write_checkpoint_files
+from gqaprune_core.export.checkpoint_files import PLAN_NAME, write_checkpoint_files
+from gqaprune_core.export.hf_config import CONFIG_NAME, Shapes, layer_lists, read_base_config, \
+    read_config_dict, skeleton_shapes
 from gqaprune_core.export.manifest import ManifestError, verify_manifest
 from gqaprune_core.export.model_card import CardInfo
 from gqaprune_core.export.shards import INDEX_NAME, SINGLE_NAME, LazyWeights, ShardError, \
@@ -68,9 +67,6 @@ WEIGHTS_NAME = SINGLE_NAME  # or shards + INDEX_NAME
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 GENERATION_NAME = "generation_config.json"
 GENERIC_TOKENIZERS = ("PreTrainedTokenizerFast", "TokenizersBackend")
-
-Shapes = tuple[int, int, int, int]  # (H, G, D, I)
-
 
 class CheckpointError(ValueError):
     """A directory that is not a readable gqaprune checkpoint (named with the offending values)."""
@@ -135,19 +131,6 @@ def _checked_plan(model: nn.Module, plan: PruningPlan | None) -> PruningPlan:
     return plan
 
 
-def skeleton_shapes(plan: PruningPlan) -> Shapes:
-    """(H, G, D, I) that config.json states for ``plan`` (see the module docstring)."""
-    after = {(p.q_heads, p.kv_heads, p.head_dim, p.mlp) for p in plan.layers}
-    if len(after) == 1:
-        return after.pop()
-    head_dims = {p.head_dim for p in plan.layers}
-    ratios = {p.q_per_kv for p in plan.layers}
-    if len(head_dims) != 1 or len(ratios) != 1:
-        raise ValueError(f"layers differ in head_dim {sorted(head_dims)} or q_per_kv "
-                         f"{sorted(ratios)}; a Hugging Face config cannot describe that")
-    return before_skeleton(plan)
-
-
 def _write_files(model: nn.Module, tokenizer, plan: PruningPlan, staging: Path,
                  shard_bytes: int, card: CardInfo) -> None:
     tensors = unique_state_dict(model)
@@ -193,8 +176,8 @@ def load_pruned(directory: str | os.PathLike, device: str | torch.device = "cpu"
 
     Raises:
         CheckpointError: missing directory or files, a file that differs from the manifest, a
-            corrupt or unreadable file, a plan that does not fit the config, or weights whose names or shapes disagree with the plan
-            (the tensor and both shapes are named).
+            corrupt or unreadable file, a plan that does not fit the config, or weights whose
+            names or shapes disagree with the plan (the tensor and both shapes are named).
     """
     from gqaprune_core.surgery import SurgeryError, validate
 

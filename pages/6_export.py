@@ -36,8 +36,9 @@ if run.model is None:
 else:
     name = st.text_input("Directory under prune_log/", support.run_directory_name(run),
                          key=f"export_name_{run.number}",
-                         help="Holds model/ (safetensors weights, config, GQA plan, tokenizer) "
-                              "and report.json, like a command-line run.")
+                         help="Holds model/ (safetensors weights, config, GQA plan, tokenizer, "
+                              "model card, SHA-256 manifest) and report.json, like a "
+                              "command-line run.")
     if st.button("Save", type="primary"):
         try:
             with st.spinner("Saving…"):
@@ -52,6 +53,8 @@ else:
         st.markdown("Reload it in Python:")
         st.code("from gqaprune_core.checkpoint import load_pruned\n"
                 f'model, tokenizer = load_pruned("{saved}/model")', language="python")
+        st.markdown(f"Without gqaprune (transformers, llama.cpp, ollama): see the model card "
+                    f"`{saved}/model/README.md`.")
 
 st.subheader("GGUF for llama.cpp / ollama")
 if run.model is not None:

@@ -266,6 +266,9 @@ def test_pruning_run_completes_shows_counts_and_exports(app, tmp_path):
     click(app, "Save")
     saved = tmp_path / "prune_log" / "from-test"
     assert (saved / "model" / "gqaprune_plan.json").is_file()
+    assert (saved / "model" / "gqaprune_manifest.json").is_file()
+    card = (saved / "model" / "README.md").read_text()  # the model card, with the perplexity
+    assert "| demo |" in card and "| pruning_ratio | `0.45` |" in card
     assert json.loads((saved / "report.json").read_text())["layers"]
     assert any("load_pruned" in c.value for c in app.code)
 

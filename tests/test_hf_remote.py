@@ -215,3 +215,15 @@ def test_pruned_demo_model_loads_without_gqaprune(demo, tmp_path):
     child = run_without_gqaprune([folder], ids, text, tmp_path)[folder]
     assert child["class"] == "GQAPruneLlamaForCausalLM"
     check_against_load_pruned(folder, child, ids, text, tokenizer)
+
+
+def test_code_files_ship_as_package_data():
+    import tomllib
+
+    from gqaprune_core.export.hf_config import CODE_DIR
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["gqaprune_core.export"]
+    assert any(CODE_DIR.joinpath(name).match(f"*/export/{p}") for p in patterns
+               for name in CODE_FILES)
+    assert not (CODE_DIR / "__init__.py").exists()  # data copied into checkpoints, not imported

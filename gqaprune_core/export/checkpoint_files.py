@@ -15,21 +15,13 @@ from pathlib import Path
 
 import torch
 
-from gqaprune_core.export.hf_config import CONFIG_NAME, write_config
+from gqaprune_core.export.hf_config import CONFIG_NAME, before_skeleton, write_config
 from gqaprune_core.export.manifest import write_manifest
 from gqaprune_core.export.model_card import CARD_NAME, CardInfo, write_card
 from gqaprune_core.export.shards import ShardWriter
 from gqaprune_core.plan import PruningPlan
 
 PLAN_NAME = "gqaprune_plan.json"
-
-
-def before_skeleton(plan: PruningPlan) -> tuple[int, int, int, int]:
-    """Per-dimension maximum (H, G, D, I) of the plan's *before* shapes (uniform D, q_per_kv)."""
-    groups = max(p.kv_heads_before for p in plan.layers)
-    first = plan.layers[0]
-    return (groups * first.q_per_kv, groups, first.head_dim,
-            max(p.mlp_before for p in plan.layers))
 
 
 def write_checkpoint_files(staging: Path, tensors: Iterable[tuple[str, torch.Tensor]], config,

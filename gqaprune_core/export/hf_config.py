@@ -14,8 +14,9 @@ Three cases, decided by :func:`config_kind`:
   ``auto_map`` naming the two files of ``hf_code/`` (copied beside it), so that
   ``from_pretrained(dir, trust_remote_code=True)`` loads it without gqaprune. The top-level H, G,
   I are the skeleton (per-dimension maximum of the original shapes), which the base validates.
-- ``"skeleton"``: layers differ and the base has no remote code here: the config states the
-  skeleton only, and only :func:`gqaprune_core.checkpoint.load_pruned` can load the folder.
+- ``"skeleton"``: layers differ (or the base refuses) and the base has no remote code here: the
+  config states the skeleton only, and only :func:`gqaprune_core.checkpoint.load_pruned` can
+  load the folder.
 
 :func:`read_base_config` reads any of the three back as the *base* config (no remote code is
 ever executed by gqaprune): the per-layer shapes come from the plan.
@@ -29,6 +30,8 @@ import shutil
 from pathlib import Path
 from typing import Literal
 
+from gqaprune_core.plan import PruningPlan
+
 CONFIG_NAME = "config.json"
 REMOTE_PREFIX = "gqaprune_"
 REMOTE_BASES = ("llama", "mistral", "qwen2")
@@ -41,6 +44,32 @@ _CLASS_STEMS = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}
 
 Kind = Literal["plain", "remote", "skeleton"]
 Shapes = tuple[int, int, int, int]  # (H, G, D, I)
+
+
+def skeleton_shapes(plan: PruningPlan) -> Shapes:
+    """The pruned (H, G, D, I) when every layer of ``plan`` is equal, else
+    :func:`before_skeleton`.
+
+    Raises:
+        ValueError: layers differ in D or q_per_kv, which no config (nor this code) describes.
+    """
+    after = {(p.q_heads, p.kv_heads, p.head_dim, p.mlp) for p in plan.layers}
+    if len(after) == 1:
+        return after.pop()
+    head_dims = {p.head_dim for p in plan.layers}
+    ratios = {p.q_per_kv for p in plan.layers}
+    if len(head_dims) != 1 or len(ratios) != 1:
+        raise ValueError(f"layers differ in head_dim {sorted(head_dims)} or q_per_kv "
+                         f"{sorted(ratios)}; a Hugging Face config cannot describe that")
+    return before_skeleton(plan)
+
+
+def before_skeleton(plan: PruningPlan) -> Shapes:
+    """Per-dimension maximum of the plan's *before* shapes (uniform D and q_per_kv assumed)."""
+    groups = max(p.kv_heads_before for p in plan.layers)
+    first = plan.layers[0]
+    return (groups * first.q_per_kv, groups, first.head_dim,
+            max(p.mlp_before for p in plan.layers))
 
 
 def remote_class_names(base: str) -> tuple[str, str]:
@@ -73,7 +102,7 @@ def base_accepts(config) -> bool:
     return True
 
 
-def config_kind(config, layer_shapes: list[Shapes], skeleton: Shapes) -> Kind:
+def config_kind(config, layer_shapes: list[Shapes]) -> Kind:
     """Which config.json the checkpoint gets (see the module docstring)."""
     if len(set(layer_shapes)) == 1 and base_accepts(_with_shapes(config, layer_shapes[0])):
         return "plain"
@@ -90,7 +119,7 @@ def write_config(config, layer_shapes: list[Shapes], skeleton: Shapes, directory
         skeleton: the shapes the config states when the layers differ.
         architecture: the model class name, for ``architectures`` of a plain config.
     """
-    kind = config_kind(config, layer_shapes, skeleton)
+    kind = config_kind(config, layer_shapes)
     stated = layer_shapes[0] if kind == "plain" else skeleton
     out = _with_shapes(config, stated)
     out.architectures = [architecture]

@@ -6,11 +6,13 @@ tokenizer, model card, remote code) with its size and SHA-256::
     {"format": 1, "algorithm": "sha256",
      "files": {"model.safetensors": {"size": 1234, "sha256": "9f86d0..."}, ...}}
 
-:func:`verify_manifest` checks sizes and digests: hashing reads every byte once (about 1-2 GB/s
-on one core), which may be worth skipping for a 70B model with ``verify=False`` or the
-environment variable ``GQAPRUNE_NO_VERIFY=1`` (then the manifest is not read at all). Files that are not listed
-(added later by the user) are ignored; a folder without a manifest (saved by an older version)
-is accepted unchecked.
+:func:`verify_manifest` checks sizes and digests: hashing reads every byte once (0.5 GB/s
+measured here for the demo model's 538 MB file from the page cache, on a shared 2-core machine
+under load 10; so about 30 s for a 16 GB 8B model), which may be worth skipping for a 70B model
+with ``verify=False`` or the environment variable ``GQAPRUNE_NO_VERIFY=1`` (then the manifest
+is not read at all). Files
+that are not listed (added later by the user) are ignored; a folder without a manifest (saved
+by an older version) is accepted unchecked.
 """
 
 from __future__ import annotations
