@@ -21,17 +21,17 @@ Out types: ``f32``, ``f16`` and ``bf16`` (2-D weights; norms stay f32, as llama.
 llama-cpp-python: ``llama_model_quantize``).
 
 Qwen2-style q/k/v biases are written as ``attn_q.bias`` etc. (permuted like their weights).
-Measured with llama-cpp-python 0.3.36: its ``deci`` builds them per layer too, so a Qwen2 model
-with cut query heads loads and matches PyTorch (tests/test_gguf.py); older llama.cpp builds,
-whose ``deci`` had no bias tensors, refuse such a file, while an MLP-only prune loads as ``llama``
-or ``deci`` with uniform bias shapes.
+Measured with llama-cpp-python 0.3.36 (tests/test_gguf.py): its ``deci`` builds them per layer,
+so Qwen2 with cut query heads loads and matches PyTorch, contrary to what the research note
+expected; other llama.cpp builds (ollama's, LM Studio's) were not tried.
 
 Mistral is written as ``llama``; its sliding window is not (llama.cpp's ``llama`` has none), so
 the two agree up to the window length.
 
-What is refused (:class:`GgufExportError`): biases other than q/k/v (o_proj, MLP); rope scaling other than Llama-3 style or linear; a tokenizer :mod:`.gguf_tokenizer` cannot
-convert. Output is written beside the target and renamed into place, so an error or interrupt
-never leaves a partial file, and an existing file is replaced only with ``overwrite``.
+What is refused (:class:`GgufExportError`): biases other than q/k/v (o_proj, MLP); rope scaling
+other than Llama-3 style or linear; a tokenizer :mod:`.gguf_tokenizer` cannot convert. Output
+is written beside the target and renamed into place, so an error or interrupt never leaves a
+partial file, and an existing file is replaced only with ``overwrite``.
 """
 
 from __future__ import annotations
