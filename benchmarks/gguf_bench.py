@@ -36,13 +36,24 @@ PROMPT = ("The city council met on Tuesday to discuss the new budget. Members ar
           "cost of roads, schools and the hospital, and the mayor said that ") * 8
 
 
-def build_models(ratios: list[float]) -> tuple[dict, object]:
-    """{name: model} for dense and each ratio of the default preset, and the tokenizer."""
+def build_models(ratios: list[float], workdir: Path) -> tuple[dict, object]:
+    """{name: model} for dense and each ratio of the default preset, and the tokenizer.
+
+    Pruned models are saved as checkpoints in ``workdir`` and reused by a later run (the
+    pipeline is the slow part on a shared CPU); delete them to prune afresh.
+    """
+    from gqaprune_core.checkpoint import is_checkpoint, load_pruned, save_pruned
+
     dense, tokenizer = load_model("demo", device="cpu")
     models = {"dense": dense}
     for ratio in ratios:
+        directory = workdir / f"default-{round(100 * ratio)}pct"
+        if is_checkpoint(directory):
+            models[f"default {ratio:.0%}"] = load_pruned(directory)[0]
+            continue
         config = PRESETS["default"].with_(pruning_ratio=ratio, ratio_of="total", device="cpu")
         result = run_pipeline(config, dense, tokenizer, evaluate=False)
+        save_pruned(result.model, tokenizer, result.plan, directory)
         models[f"default {ratio:.0%}"] = result.model
     return models, tokenizer
 
@@ -124,7 +135,7 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     outtypes, speed_types = args.outtypes.split(","), args.speed_outtypes.split(",")
     results = header() | {"settings": vars(args), "models": {}}
-    models, tokenizer = build_models([float(r) for r in args.ratios.split(",")])
+    models, tokenizer = build_models([float(r) for r in args.ratios.split(",")], workdir)
     windows = evaluation_windows(tokenizer, "demo", seq_len=args.seq_len, max_windows=args.windows)
     results["windows"] = {"corpus": "demo (evaluation part)", "count": windows.shape[0],
                           "seq_len": windows.shape[1],
