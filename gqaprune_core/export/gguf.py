@@ -131,12 +131,14 @@ def write_gguf(model: nn.Module, tokenizer: Any, output: str | os.PathLike, outt
     source = _sibling(target, "f16") if outtype == "q4_k_m" else staging
     try:
         writer = _new_writer(source, architecture, model, shapes, outtype, name)
-        write_vocab(writer, vocab)
-        _add_tensors(writer, model, shapes, "f16" if outtype == "q4_k_m" else outtype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
+        try:
+            write_vocab(writer, vocab)
+            _add_tensors(writer, model, shapes, "f16" if outtype == "q4_k_m" else outtype)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
         if outtype == "q4_k_m":
             quantize_with_llama_cpp(source, staging, "q4_k_m")
         os.replace(staging, target)
@@ -180,7 +182,7 @@ def _new_writer(path: Path, architecture: str, model: nn.Module, shapes: list[La
 
     config = model.config
     writer = GGUFWriter(str(path), architecture)
-    writer.add_name(name or str(getattr(config, "_name_or_path", "") or "gqaprune model"))
+    writer.add_name(name or Path(str(getattr(config, "_name_or_path", "") or "model")).name)
     writer.add_file_type(FILE_TYPES[outtype])
     per_layer = architecture == "deci"
 
