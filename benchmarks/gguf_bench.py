@@ -17,6 +17,7 @@ For the dense demo model and the ``default`` preset at each ``--ratios`` (of ALL
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from pathlib import Path
@@ -36,13 +37,24 @@ PROMPT = ("The city council met on Tuesday to discuss the new budget. Members ar
           "cost of roads, schools and the hospital, and the mayor said that ") * 8
 
 
-def build_models(ratios: list[float]) -> tuple[dict, object]:
-    """{name: model} for dense and each ratio of the default preset, and the tokenizer."""
+def build_models(ratios: list[float], workdir: Path) -> tuple[dict, object]:
+    """{name: model} for dense and each ratio of the default preset, and the tokenizer.
+
+    Pruned models are saved as checkpoints in ``workdir`` and reused by a later run (the
+    pipeline is the slow part on a shared CPU); delete them to prune afresh.
+    """
+    from gqaprune_core.checkpoint import is_checkpoint, load_pruned, save_pruned
+
     dense, tokenizer = load_model("demo", device="cpu")
     models = {"dense": dense}
     for ratio in ratios:
+        directory = workdir / f"default-{round(100 * ratio)}pct"
+        if is_checkpoint(directory):
+            models[f"default {ratio:.0%}"] = load_pruned(directory)[0]
+            continue
         config = PRESETS["default"].with_(pruning_ratio=ratio, ratio_of="total", device="cpu")
         result = run_pipeline(config, dense, tokenizer, evaluate=False)
+        save_pruned(result.model, tokenizer, result.plan, directory)
         models[f"default {ratio:.0%}"] = result.model
     return models, tokenizer
 
@@ -105,6 +117,29 @@ def measure_speed(files: dict[str, Path], prompt_ids: list[int], new_tokens: int
                    "samples": runs} for name, runs in samples.items()}
 
 
+def markdown(results: dict) -> str:
+    """The BENCHMARKS.md tables of a results file."""
+    lines = ["| model | parameters | out type | arch | file MiB | export s | ppl llama.cpp | "
+             "ppl PyTorch |", "|---|---|---|---|---|---|---|---|"]
+    for name, model in results["models"].items():
+        for outtype, row in model["outtypes"].items():
+            lines.append(f"| {name} | {model['parameters']:,} | {outtype} | {row['architecture']} "
+                         f"| {row['size_bytes'] / 2**20:.1f} | {row['export_s']:.1f} | "
+                         f"{row['llama_cpp_ppl']:.3f} | {model['pytorch_ppl']:.3f} |")
+    speed = results.get("speed")
+    if speed:
+        dense = {k.split(" ", 1)[1]: v for k, v in speed["models"].items() if k.startswith("dense")}
+        lines += ["", "| model | prompt tok/s | generate tok/s | speed-up prompt / generate |",
+                  "|---|---|---|---|"]
+        for name, row in speed["models"].items():
+            base = dense[name.rsplit(" ", 1)[1]]
+            lines.append(f"| {name} | {row['prompt_tokens_per_s']:.1f} | "
+                         f"{row['generate_tokens_per_s']:.1f} | "
+                         f"{row['prompt_tokens_per_s'] / base['prompt_tokens_per_s']:.2f}x / "
+                         f"{row['generate_tokens_per_s'] / base['generate_tokens_per_s']:.2f}x |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--ratios", default="0.2,0.3")
@@ -118,13 +153,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workdir", default=str(REPO_ROOT / "cache" / "gguf_bench"))
     parser.add_argument("--out", default=str(RESULTS_DIR / "gguf.json"))
+    parser.add_argument("--table", metavar="JSON", help="only print the tables of a results file")
     args = parser.parse_args()
+    if args.table:
+        print(markdown(json.loads(Path(args.table).read_text())))
+        return
     threads = set_threads(args.threads)
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     outtypes, speed_types = args.outtypes.split(","), args.speed_outtypes.split(",")
     results = header() | {"settings": vars(args), "models": {}}
-    models, tokenizer = build_models([float(r) for r in args.ratios.split(",")])
+    models, tokenizer = build_models([float(r) for r in args.ratios.split(",")], workdir)
     windows = evaluation_windows(tokenizer, "demo", seq_len=args.seq_len, max_windows=args.windows)
     results["windows"] = {"corpus": "demo (evaluation part)", "count": windows.shape[0],
                           "seq_len": windows.shape[1],
@@ -142,6 +181,7 @@ def main() -> None:
                         "models": measure_speed(files, prompt_ids, args.new_tokens, args.rounds,
                                                 threads)}
     print("wrote", write_json(args.out, results))
+    print(markdown(results))
 
 
 if __name__ == "__main__":

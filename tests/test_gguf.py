@@ -1,11 +1,11 @@
 """GGUF export, checked by running the files in llama.cpp (llama-cpp-python).
 
 Tiny seeded models get a real byte-level BPE tokenizer trained on a fixed text
-(:func:`gqaprune_core.tiny.tiny_bpe_tokenizer`, 400 tokens), so files stay well under 1 MB. Tolerances: an f32 export run with an f32 KV
-cache differs from PyTorch only by summation order; on these models that is ~1e-6 with logits
-up to ~3, so 1e-4 leaves a 100x margin and still fails on any real mistake (a wrong rotary
-permutation or a missing bias moves logits by > 0.1). f16 weights carry 11-bit mantissas
-(relative 5e-4 per weight), hence 2e-2 for f16.
+(:func:`gqaprune_core.tiny.tiny_bpe_tokenizer`, 400 tokens), so files stay well under 1 MB.
+Tolerances: an f32 export run with an f32 KV cache differs from PyTorch only by summation
+order; on these models that is ~1e-6 with logits up to ~3, so 1e-4 leaves a 100x margin and
+still fails on any real mistake (a wrong rotary permutation or a missing bias moves logits by
+> 0.1). f16 weights carry 11-bit mantissas (relative 5e-4 per weight), hence 2e-2 for f16.
 """
 
 from __future__ import annotations

@@ -21,17 +21,17 @@ Out types: ``f32``, ``f16`` and ``bf16`` (2-D weights; norms stay f32, as llama.
 llama-cpp-python: ``llama_model_quantize``).
 
 Qwen2-style q/k/v biases are written as ``attn_q.bias`` etc. (permuted like their weights).
-Measured with llama-cpp-python 0.3.36: its ``deci`` builds them per layer too, so a Qwen2 model
-with cut query heads loads and matches PyTorch (tests/test_gguf.py); older llama.cpp builds,
-whose ``deci`` had no bias tensors, refuse such a file, while an MLP-only prune loads as ``llama``
-or ``deci`` with uniform bias shapes.
+Measured with llama-cpp-python 0.3.36 (tests/test_gguf.py): its ``deci`` builds them per layer,
+so Qwen2 with cut query heads loads and matches PyTorch, contrary to what the research note
+expected; other llama.cpp builds (ollama's, LM Studio's) were not tried.
 
 Mistral is written as ``llama``; its sliding window is not (llama.cpp's ``llama`` has none), so
 the two agree up to the window length.
 
-What is refused (:class:`GgufExportError`): biases other than q/k/v (o_proj, MLP); rope scaling other than Llama-3 style or linear; a tokenizer :mod:`.gguf_tokenizer` cannot
-convert. Output is written beside the target and renamed into place, so an error or interrupt
-never leaves a partial file, and an existing file is replaced only with ``overwrite``.
+What is refused (:class:`GgufExportError`): biases other than q/k/v (o_proj, MLP); rope scaling
+other than Llama-3 style or linear; a tokenizer :mod:`.gguf_tokenizer` cannot convert. Output
+is written beside the target and renamed into place, so an error or interrupt never leaves a
+partial file, and an existing file is replaced only with ``overwrite``.
 """
 
 from __future__ import annotations
@@ -131,12 +131,14 @@ def write_gguf(model: nn.Module, tokenizer: Any, output: str | os.PathLike, outt
     source = _sibling(target, "f16") if outtype == "q4_k_m" else staging
     try:
         writer = _new_writer(source, architecture, model, shapes, outtype, name)
-        write_vocab(writer, vocab)
-        _add_tensors(writer, model, shapes, "f16" if outtype == "q4_k_m" else outtype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
+        try:
+            write_vocab(writer, vocab)
+            _add_tensors(writer, model, shapes, "f16" if outtype == "q4_k_m" else outtype)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
         if outtype == "q4_k_m":
             quantize_with_llama_cpp(source, staging, "q4_k_m")
         os.replace(staging, target)
@@ -180,7 +182,7 @@ def _new_writer(path: Path, architecture: str, model: nn.Module, shapes: list[La
 
     config = model.config
     writer = GGUFWriter(str(path), architecture)
-    writer.add_name(name or str(getattr(config, "_name_or_path", "") or "gqaprune model"))
+    writer.add_name(name or Path(str(getattr(config, "_name_or_path", "") or "model")).name)
     writer.add_file_type(FILE_TYPES[outtype])
     per_layer = architecture == "deci"
 
