@@ -18,6 +18,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from gqaprune_core import app_support, jobs
+from gqaprune_core.config import PRESETS
 from gqaprune_core.models import count_parameters, load_model
 
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
@@ -171,3 +172,17 @@ def test_a_second_job_while_one_runs_is_refused_and_the_first_survives(gate):
     (run,) = at.session_state["runs"]
     assert run.config.unit_importance == "magnitude"
     assert comparable(run.report) == alone(run)
+
+
+def test_saving_under_a_name_another_save_holds_is_refused(tmp_path):
+    from gqaprune_core import runlock
+
+    model, tokenizer = load_model("tiny", device="cpu")
+    run = app_support.prune_job(PRESETS["original"].with_(base_model="tiny", device="cpu",
+                                                          num_examples=2, eval_datasets=()),
+                                model, tokenizer, None, "", 0, lambda *a: None)
+    with runlock.lock_run_dir(tmp_path / "shared"):
+        with pytest.raises(ValueError, match="in use by another gqaprune run"):
+            app_support.save_run(run, "shared", tmp_path)
+    assert list((tmp_path / "shared").iterdir()) == []
+    assert (app_support.save_run(run, "shared", tmp_path) / "model").is_dir()
