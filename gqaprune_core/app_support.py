@@ -502,22 +502,28 @@ def run_directory_name(run: PruneRun, now: datetime | None = None) -> str:
 def save_run(run: PruneRun, name: str, output_dir: str | os.PathLike = "prune_log") -> Path:
     """Write ``OUTPUT_DIR/NAME/model/`` (checkpoint) and ``report.json``, like the CLI.
 
+    The directory is locked while it is written (:mod:`gqaprune_core.runlock`), so two
+    sessions, or a session and a command-line run, saving under one name never mix files.
+
     Raises:
-        ValueError: a bad name, an existing non-empty target, or a run without its model.
+        ValueError: a bad name, an existing non-empty target, a directory another save or run
+            holds (``RunBusyError``), or a run without its model.
     """
     from gqaprune_core.checkpoint import save_pruned
     from gqaprune_core.export.model_card import CardInfo
     from gqaprune_core.outputs import MODEL_DIR_NAME, REPORT_NAME, run_paths, write_json_atomic
+    from gqaprune_core.runlock import lock_run_dir
 
     if run.model is None:
         raise ValueError(f"run {run.number}'s model is no longer in memory; run it again to save it")
     paths = run_paths(output_dir, name.strip(), "app")
-    if (paths.root / REPORT_NAME).exists() or (paths.root / MODEL_DIR_NAME).exists():
-        raise ValueError(f"{str(paths.root)!r} already holds a saved run; choose another name")
     card = CardInfo(base_model=run.config.base_model, settings=run.config.to_dict(),
                     report=run.report)  # the app has no command line to show
-    save_pruned(run.model, run.tokenizer, run.plan, paths.model, card=card)
-    write_json_atomic(paths.report, run.report)
+    with lock_run_dir(paths.root):
+        if (paths.root / REPORT_NAME).exists() or (paths.root / MODEL_DIR_NAME).exists():
+            raise ValueError(f"{str(paths.root)!r} already holds a saved run; choose another name")
+        save_pruned(run.model, run.tokenizer, run.plan, paths.model, card=card)
+        write_json_atomic(paths.report, run.report)
     return paths.root
 
 

@@ -218,13 +218,18 @@ def job_running(name: str) -> bool:
 
 
 def submit(name: str, work) -> None:
-    """Start a background job; show the refusal if one of that name is running."""
+    """Start a background job; show the refusal if one of that name is running.
+
+    A started job reruns the page, so that its start button is drawn disabled at once (the
+    page drew it before the job existed; only the progress fragment reruns meanwhile).
+    """
     try:
         jobs.JOBS.submit(owner(), name, work)
     except RuntimeError as err:
         st.warning(str(err))
     else:
         st.session_state.pop(f"_failed_{name}", None)
+        st.rerun()
 
 
 def start_importance(loaded: Loaded, method: str, corpus: str, samples: int,

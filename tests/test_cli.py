@@ -166,27 +166,28 @@ def test_second_stage_reuses_scores_without_analysis(tiny_run, tmp_path, monkeyp
 
 # ---- failures ---------------------------------------------------------------------------------
 
+# case -> (flags, expected text, exit status): 2 the command line is wrong, 1 an input is
 FAILURES = {
-    "skip without a file": (["--skip_importance_analysis"], "--importance_config"),
-    "gqa ratio": (["--gqa_ratio", "4"], "--gqa_ratio 4 does not match the model: tiny has 3"),
-    "head dim": (["--head_dim", "16"], "head_dim [8]"),
-    "min above max": (["--min_pruning_rate", "0.6", "--max_pruning_rate", "0.5"], "0.6"),
-    "target unreachable": (["--pruning_ratio", "0.7"], "cannot be reached"),
-    "missing model": (["--base_model", "/no/such/model"], "/no/such/model"),
-    "missing scores": (["--importance_config", "/no/such.json"], "/no/such.json"),
-    "unknown calibration corpus": (["--calibration_dataset", "nosuch"], "'nosuch'"),
-    "unknown eval corpus": (["--test_after_prune", "--eval_datasets", "demo,nope"], "'nope'"),
-    "too few layers": (["--layer_start", "5"], "layer range"),
+    "skip without a file": (["--skip_importance_analysis"], "--importance_config", 2),
+    "gqa ratio": (["--gqa_ratio", "4"], "--gqa_ratio 4 does not match the model: tiny has 3", 2),
+    "head dim": (["--head_dim", "16"], "head_dim [8]", 2),
+    "min above max": (["--min_pruning_rate", "0.6", "--max_pruning_rate", "0.5"], "0.6", 2),
+    "target unreachable": (["--pruning_ratio", "0.7"], "cannot be reached", 2),
+    "missing model": (["--base_model", "/no/such/model"], "/no/such/model", 1),
+    "missing scores": (["--importance_config", "/no/such.json"], "/no/such.json", 1),
+    "unknown calibration corpus": (["--calibration_dataset", "nosuch"], "'nosuch'", 1),
+    "unknown eval corpus": (["--test_after_prune", "--eval_datasets", "demo,nope"], "'nope'", 1),
+    "too few layers": (["--layer_start", "5"], "layer range", 2),
 }
 
 
 @pytest.mark.parametrize("case", FAILURES)
 def test_bad_inputs_fail_in_one_line_and_write_nothing(case, tmp_path, capsys):
-    flags, expected = FAILURES[case]
+    flags, expected, status = FAILURES[case]
     argv = [*TINY, *flags, "--output_dir", str(tmp_path / "out"), "--save_ckpt_log_name", "x"]
     code = cli.main(argv)
     err = capsys.readouterr().err
-    assert_one_line_failure(code, err)
+    assert_one_line_failure(code, err, status)
     assert expected in err
     assert not (tmp_path / "out").exists()
 
@@ -239,7 +240,7 @@ def test_failure_mid_run_leaves_failed_txt_not_a_report(tmp_path, monkeypatch, c
     def explode(*args, **kwargs):
         raise ValueError("surgery refused: layer 1 says no")
 
-    argv = [*FAST, "--output_dir", str(tmp_path), "--save_ckpt_log_name", "run"]
+    argv = [*FAST, "--prune_mlp", "--output_dir", str(tmp_path), "--save_ckpt_log_name", "run"]
     with monkeypatch.context() as patch:
         patch.setattr("gqaprune_core.pipeline.prune_model_", explode)
         assert_one_line_failure(cli.main(argv), capsys.readouterr().err)
@@ -282,10 +283,14 @@ def test_summary_table_lists_before_and_after():
 
 
 def test_default_run_names_never_collide(tmp_path):
-    (tmp_path / "prune-x").mkdir()
-    (tmp_path / "prune-x-2").mkdir()
-    assert cli._fresh_name(str(tmp_path), "prune-x") == "prune-x-3"
-    assert cli._fresh_name(str(tmp_path), "prune-y") == "prune-y"
+    args = cli.build_parser().parse_args(["--output_dir", str(tmp_path)])
+    stamp = "2026-01-01-00-00-00"
+    (tmp_path / f"prune-{stamp}").mkdir()
+    first, first_lock = cli._claim_run_dir(args, None, stamp)
+    second, second_lock = cli._claim_run_dir(args, None, stamp)  # the same second
+    assert (first.root.name, second.root.name) == (f"prune-{stamp}-2", f"prune-{stamp}-3")
+    first_lock.release()
+    second_lock.release()
 
 
 def test_run_paths_refuse_names_with_separators(tmp_path):
