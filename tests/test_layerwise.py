@@ -21,9 +21,10 @@ from gqaprune_core.tiny import char_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+# calibration on demo alone: the default preset's mix tokenizes slowly with the character tokenizer
 SMALL = {"importance_samples": 4, "importance_seq_len": 16, "num_examples": 6, "seq_len": 24,
          "eval_seq_len": 32, "max_eval_windows": 2, "channel_multiple": 1, "device": "cpu",
-         "pruning_ratio": 0.1}
+         "pruning_ratio": 0.1, "calibration_dataset": "demo", "eval_datasets": ("demo", "pydoc")}
 
 
 @pytest.fixture(autouse=True)
@@ -226,3 +227,31 @@ def test_cli_refuses_taylor_layerwise_in_one_line(make_tiny, tmp_path, capsys):
     assert code == 1 and len(err.strip().splitlines()) == 1
     assert "Taylor scores need gradients through the whole model" in err
     assert "--layerwise off" in err and not (tmp_path / "runs").exists()
+
+
+# ---- the app's decision ------------------------------------------------------------------------
+
+def test_app_prunes_layerwise_when_a_copy_would_not_fit(make_tiny, tmp_path, monkeypatch):
+    from gqaprune_core import app_support
+    from gqaprune_core.layerwise import pipeline as layerwise_pipeline
+
+    model, tokenizer, path = _saved(make_tiny, tmp_path)
+    config = SETTINGS["default"].with_(base_model=str(path), eval_datasets=("demo",))
+    assert not app_support.prune_layerwise_instead(config, model)  # a copy fits
+    assert not app_support.prune_layerwise_instead(config.with_(base_model="tiny"), model)
+    monkeypatch.setattr(layerwise_pipeline, "free_memory", lambda device: 2**20)
+    assert app_support.prune_layerwise_instead(config, model)
+    assert not app_support.prune_layerwise_instead(config.with_(layerwise="off"), model)
+    with pytest.raises(ValueError, match="Taylor"):
+        app_support.prune_layerwise_instead(
+            config.with_(layerwise="on", prune_attention=True), model)
+    stages = []
+    before = copy.deepcopy(model.state_dict())
+    run = app_support.prune_job(config, model, tokenizer, None, "Hello", 4,
+                                lambda stage, done, total: stages.append(stage))
+    assert run.model is None and run.checkpoint.is_dir() and "layer by layer" in run.text_after
+    assert any("s/layer" in stage for stage in stages)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # not cut
+    saved = app_support.save_run(run, "lw", output_dir=tmp_path / "runs")
+    loaded, _ = load_pruned(saved / "model")
+    assert count_parameters(loaded) == run.report["params_after"]
