@@ -255,3 +255,33 @@ def test_app_prunes_layerwise_when_a_copy_would_not_fit(make_tiny, tmp_path, mon
     saved = app_support.save_run(run, "lw", output_dir=tmp_path / "runs")
     loaded, _ = load_pruned(saved / "model")
     assert count_parameters(loaded) == run.report["params_after"]
+
+
+# ---- accelerate's dispatch (in memory) ---------------------------------------------------------
+
+@pytest.mark.parametrize("setting", ["default", "groups_magnitude"])
+def test_dispatched_model_prunes_like_a_plain_one(make_tiny, tmp_path, setting):
+    from gqaprune_core.models import load_model
+
+    model, tokenizer, path = _saved(make_tiny, tmp_path)
+    config = SETTINGS[setting].with_(base_model=str(path), unit_importance="taylor")
+    dispatched, _ = load_model(path, "cpu", device_map="auto", max_memory="cpu=4GiB")
+    plain = run_pipeline(config, model, tokenizer)
+    spread = run_pipeline(config, dispatched, tokenizer)
+    assert spread.plan == plain.plan
+    assert spread.report["ppl_after"]["demo"]["value"] == pytest.approx(
+        plain.report["ppl_after"]["demo"]["value"], rel=1e-5)
+
+
+def test_offloaded_weights_are_refused_with_what_to_do(make_tiny, tmp_path):
+    from gqaprune_core.models import load_model, parse_max_memory
+
+    _, _, path = _saved(make_tiny, tmp_path)
+    with pytest.raises(ModelLoadError, match="offload.*--layerwise on"):
+        load_model(path, "cpu", device_map="auto", max_memory="cpu=20KiB,disk=1GiB")
+    assert parse_max_memory("0=20GiB, 1=20GiB,cpu=64GiB") == {0: "20GiB", 1: "20GiB",
+                                                              "cpu": "64GiB"}
+    with pytest.raises(ValueError, match="not DEVICE=SIZE"):
+        parse_max_memory("gpu0:20GiB")
+    with pytest.raises(ValueError, match="needs device_map"):
+        PruneConfig(max_memory="0=20GiB")
