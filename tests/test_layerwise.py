@@ -100,6 +100,19 @@ def test_streamed_perplexity_equals_whole_model(make_tiny, tmp_path):
     assert (streamed.tokens, streamed.windows, streamed.seq_len) == (95, 5, 20)
 
 
+def test_skeleton_needs_no_accelerate(make_tiny, tmp_path, monkeypatch):
+    import sys
+
+    model, _, path = _saved(make_tiny, tmp_path, tie_embeddings=True)
+    monkeypatch.setitem(sys.modules, "accelerate", None)  # import accelerate -> ImportError
+    source = open_source(path)
+    skeleton = open_model(source, torch.device("cpu"), torch.float32)
+    windows = torch.randint(0, 97, (3, 20), generator=torch.Generator().manual_seed(4))
+    streamed, = streamed_perplexity(skeleton, source, [windows], torch.device("cpu"),
+                                    torch.float32)
+    assert streamed.value == pytest.approx(perplexity(model, windows).value, rel=1e-6)
+
+
 def test_pruned_checkpoint_is_pruned_again_like_in_memory(make_tiny, tmp_path):
     model, tokenizer, _ = _saved(make_tiny, tmp_path)
     first = run_pipeline(SETTINGS["groups_magnitude"].with_(base_model="tiny"), model, tokenizer,
