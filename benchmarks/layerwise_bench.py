@@ -54,8 +54,9 @@ SHAPES = {
 
 
 def make_model(folder: Path, shape: str, layers: int | None, dtype: torch.dtype,
-               seed: int = 0) -> Path:
-    """Write a random model of ``shape`` (``layers`` of them) as shards into ``folder``, once."""
+               seed: int = 0, device: str = "cpu") -> Path:
+    """Write a random model of ``shape`` (``layers`` of them) as shards into ``folder``, once
+    (random numbers drawn on ``device``: a GPU draws 8 B of them in seconds)."""
     from transformers import LlamaConfig
 
     from gqaprune_core.export.shards import ShardWriter
@@ -69,13 +70,13 @@ def make_model(folder: Path, shape: str, layers: int | None, dtype: torch.dtype,
                          max_position_embeddings=8192, bos_token_id=None, eos_token_id=1,
                          pad_token_id=1)
     config.dtype = dtype
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device).manual_seed(seed)
     hidden, width = config.hidden_size, config.intermediate_size
     q_rows = config.num_attention_heads * config.head_dim
     kv_rows = config.num_key_value_heads * config.head_dim
 
     def random(*size: int) -> torch.Tensor:
-        return (torch.randn(*size, generator=generator) * 0.02).to(dtype)
+        return (torch.randn(*size, generator=generator, device=device) * 0.02).to("cpu", dtype)
 
     with ShardWriter(folder, max_shard_bytes=10**9) as writer:
         writer.add("model.embed_tokens.weight", random(config.vocab_size, hidden))
@@ -98,13 +99,14 @@ def make_model(folder: Path, shape: str, layers: int | None, dtype: torch.dtype,
     return folder
 
 
-def child(path: str, output: str, kind: str, device: str, windows: int, seq_len: int) -> dict:
+def child(path: str, output: str, kind: str, device: str, windows: int, seq_len: int,
+          calibration: str = "demo") -> dict:
     """One path's run in this process; returns its measurements."""
     from gqaprune_core.config import PRESETS
 
     config = PRESETS["default"].with_(
         base_model=path, device=device, importance_samples=windows, importance_seq_len=seq_len,
-        num_examples=windows, seq_len=seq_len, calibration_dataset="demo", eval_datasets=())
+        num_examples=windows, seq_len=seq_len, calibration_dataset=calibration, eval_datasets=())
     cuda = device.startswith("cuda")
     start = time.perf_counter()
     if kind == "memory":
@@ -134,7 +136,7 @@ def _run_child(args: argparse.Namespace, model: Path, kind: str) -> dict:
     subprocess.run(["rm", "-rf", str(output)], check=True)
     command = [sys.executable, __file__, "--child", kind, "--model", str(model), "--output",
                str(output), "--device", args.device, "--windows", str(args.windows),
-               "--seq-len", str(args.seq_len)]
+               "--seq-len", str(args.seq_len), "--calibration", args.calibration]
     log(f"{kind}: {' '.join(command)}")
     done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
     if done.returncode != 0:
@@ -167,6 +169,8 @@ def main() -> None:
     parser.add_argument("--paths", default="memory,layerwise")
     parser.add_argument("--windows", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--calibration", default="demo",
+                        help="calibration corpus (pydoc needs nothing beyond the stdlib)")
     parser.add_argument("--disk-dtype", choices=("bfloat16", "float16"), default="bfloat16")
     parser.add_argument("--workdir", default=os.environ.get("TMPDIR", "/tmp") + "/gqaprune-lw")
     parser.add_argument("--timeout", type=int, default=1800)
@@ -177,13 +181,14 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args.model, args.output, args.child, args.device, args.windows,
-                               args.seq_len)))
+                               args.seq_len, args.calibration)))
         return
     full = SHAPES[args.shape]["num_hidden_layers"]
     layers = args.layers or full
     start = time.perf_counter()
     folder = Path(args.workdir) / f"{args.shape}-{layers}"
-    model = make_model(folder, args.shape, layers, getattr(torch, args.disk_dtype))
+    model = make_model(folder, args.shape, layers, getattr(torch, args.disk_dtype),
+                       device="cuda" if args.device.startswith("cuda") else "cpu")
     log(f"model at {model} ({time.perf_counter() - start:.0f} s)")
     runs = [_run_child(args, model, kind) for kind in args.paths.split(",")]
     for run in runs:
@@ -192,6 +197,7 @@ def main() -> None:
     results = header() | {
         "shape": args.shape, "layers": layers, "disk_dtype": args.disk_dtype,
         "device": args.device, "windows": args.windows, "seq_len": args.seq_len,
+        "calibration": args.calibration,
         "threads": os.environ.get("OMP_NUM_THREADS", "torch default"),
         "weights_bytes_on_disk": sum(p.stat().st_size for p in model.glob("*.safetensors")),
         "runs": runs}

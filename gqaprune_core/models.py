@@ -293,6 +293,18 @@ def _load_hf_dir(path: Path, dtype: torch.dtype, allow_pickle: bool = False,
     return model, tokenizer
 
 
+def _refuse_offload(model: nn.Module, source: str) -> None:
+    """Raise if accelerate offloaded weights (meta parameters loaded per forward pass)."""
+    offloaded = [name for name, p in model.named_parameters() if p.device.type == "meta"]
+    if offloaded:
+        raise ModelLoadError(
+            f"device_map put {len(offloaded)} tensors of {source!r} (e.g. {offloaded[0]}) in "
+            "CPU or disk offload: max_memory of the GPUs is below the model's size. gqaprune "
+            "cuts weights in place and scores them with gradients, which offloaded weights do "
+            "not allow: raise --max_memory, add GPUs, or use --layerwise on (it streams the "
+            "weights from disk by design)")
+
+
 def load_model(source: str | os.PathLike = "demo", device: str = "auto",
                dtype: str | torch.dtype | None = None, *, allow_pickle: bool = False,
                device_map: str | None = None, max_memory: str | None = None):
@@ -342,5 +354,6 @@ def load_model(source: str | os.PathLike = "demo", device: str = "auto",
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if device_map is not None:
+        _refuse_offload(model, text)
         return model.eval(), tokenizer  # accelerate placed every module
     return model.to(target).eval(), tokenizer

@@ -30,7 +30,7 @@ if run.split is not None:
     st.plotly_chart(_charts.budget_split_figure(run.split), key=f"export_split_{run.number}")
 
 st.subheader("Save the pruned model")
-if run.model is None:
+if run.model is None and run.checkpoint is None:
     st.warning("This run's model is no longer in memory (only the last few are kept); its plan "
                "and report can still be downloaded below.")
 else:

@@ -21,9 +21,10 @@ from gqaprune_core.tiny import char_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+# calibration on demo alone: the default preset's mix tokenizes slowly with the character tokenizer
 SMALL = {"importance_samples": 4, "importance_seq_len": 16, "num_examples": 6, "seq_len": 24,
          "eval_seq_len": 32, "max_eval_windows": 2, "channel_multiple": 1, "device": "cpu",
-         "pruning_ratio": 0.1}
+         "pruning_ratio": 0.1, "calibration_dataset": "demo", "eval_datasets": ("demo", "pydoc")}
 
 
 @pytest.fixture(autouse=True)
@@ -97,6 +98,19 @@ def test_streamed_perplexity_equals_whole_model(make_tiny, tmp_path):
     whole = perplexity(model, windows, batch_size=4)
     assert streamed.value == pytest.approx(whole.value, rel=1e-6)
     assert (streamed.tokens, streamed.windows, streamed.seq_len) == (95, 5, 20)
+
+
+def test_skeleton_needs_no_accelerate(make_tiny, tmp_path, monkeypatch):
+    import sys
+
+    model, _, path = _saved(make_tiny, tmp_path, tie_embeddings=True)
+    monkeypatch.setitem(sys.modules, "accelerate", None)  # import accelerate -> ImportError
+    source = open_source(path)
+    skeleton = open_model(source, torch.device("cpu"), torch.float32)
+    windows = torch.randint(0, 97, (3, 20), generator=torch.Generator().manual_seed(4))
+    streamed, = streamed_perplexity(skeleton, source, [windows], torch.device("cpu"),
+                                    torch.float32)
+    assert streamed.value == pytest.approx(perplexity(model, windows).value, rel=1e-6)
 
 
 def test_pruned_checkpoint_is_pruned_again_like_in_memory(make_tiny, tmp_path):
@@ -226,3 +240,61 @@ def test_cli_refuses_taylor_layerwise_in_one_line(make_tiny, tmp_path, capsys):
     assert code == 1 and len(err.strip().splitlines()) == 1
     assert "Taylor scores need gradients through the whole model" in err
     assert "--layerwise off" in err and not (tmp_path / "runs").exists()
+
+
+# ---- the app's decision ------------------------------------------------------------------------
+
+def test_app_prunes_layerwise_when_a_copy_would_not_fit(make_tiny, tmp_path, monkeypatch):
+    from gqaprune_core import app_support
+    from gqaprune_core.layerwise import pipeline as layerwise_pipeline
+
+    model, tokenizer, path = _saved(make_tiny, tmp_path)
+    config = SETTINGS["default"].with_(base_model=str(path), eval_datasets=("demo",))
+    assert not app_support.prune_layerwise_instead(config, model)  # a copy fits
+    assert not app_support.prune_layerwise_instead(config.with_(base_model="tiny"), model)
+    monkeypatch.setattr(layerwise_pipeline, "free_memory", lambda device: 2**20)
+    assert app_support.prune_layerwise_instead(config, model)
+    assert not app_support.prune_layerwise_instead(config.with_(layerwise="off"), model)
+    with pytest.raises(ValueError, match="Taylor"):
+        app_support.prune_layerwise_instead(
+            config.with_(layerwise="on", prune_attention=True), model)
+    stages = []
+    before = copy.deepcopy(model.state_dict())
+    run = app_support.prune_job(config, model, tokenizer, None, "Hello", 4,
+                                lambda stage, done, total: stages.append(stage))
+    assert run.model is None and run.checkpoint.is_dir() and "layer by layer" in run.text_after
+    assert any("s/layer" in stage for stage in stages)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # not cut
+    saved = app_support.save_run(run, "lw", output_dir=tmp_path / "runs")
+    loaded, _ = load_pruned(saved / "model")
+    assert count_parameters(loaded) == run.report["params_after"]
+
+
+# ---- accelerate's dispatch (in memory) ---------------------------------------------------------
+
+@pytest.mark.parametrize("setting", ["default", "groups_magnitude"])
+def test_dispatched_model_prunes_like_a_plain_one(make_tiny, tmp_path, setting):
+    from gqaprune_core.models import load_model
+
+    model, tokenizer, path = _saved(make_tiny, tmp_path)
+    config = SETTINGS[setting].with_(base_model=str(path), unit_importance="taylor")
+    dispatched, _ = load_model(path, "cpu", device_map="auto", max_memory="cpu=4GiB")
+    plain = run_pipeline(config, model, tokenizer)
+    spread = run_pipeline(config, dispatched, tokenizer)
+    assert spread.plan == plain.plan
+    assert spread.report["ppl_after"]["demo"]["value"] == pytest.approx(
+        plain.report["ppl_after"]["demo"]["value"], rel=1e-5)
+
+
+def test_offloaded_weights_are_refused_with_what_to_do(make_tiny, tmp_path):
+    from gqaprune_core.models import load_model, parse_max_memory
+
+    _, _, path = _saved(make_tiny, tmp_path)
+    with pytest.raises(ModelLoadError, match="offload.*--layerwise on"):
+        load_model(path, "cpu", device_map="auto", max_memory="cpu=20KiB,disk=1GiB")
+    assert parse_max_memory("0=20GiB, 1=20GiB,cpu=64GiB") == {0: "20GiB", 1: "20GiB",
+                                                              "cpu": "64GiB"}
+    with pytest.raises(ValueError, match="not DEVICE=SIZE"):
+        parse_max_memory("gpu0:20GiB")
+    with pytest.raises(ValueError, match="needs device_map"):
+        PruneConfig(max_memory="0=20GiB")

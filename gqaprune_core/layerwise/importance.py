@@ -61,8 +61,7 @@ def _nll_total(model: nn.Module, batches: HiddenBatches, hidden: list[torch.Tens
 def _removal(model: nn.Module, source: ModelSource, batches: HiddenBatches,
              dtype: torch.dtype, on_step: OnStep | None) -> tuple[list[float], dict]:
     bypassed: list[list[torch.Tensor]] = []  # per skipped layer: its hidden stream
-    for index, layer in layers_in_turn(model, source, batches.device, dtype, "importance",
-                                       on_step):
+    for _, layer in layers_in_turn(model, source, batches.device, dtype, "importance", on_step):
         for stream in bypassed:
             for b, hidden in enumerate(stream):
                 stream[b] = batches.run(layer, b, hidden).to(hidden.device)

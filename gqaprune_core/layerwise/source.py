@@ -130,15 +130,29 @@ def meta_skeleton(source: ModelSource) -> nn.Module:
     return _meta_model(source.config, source.plan)
 
 
-def _meta_model(config, plan: PruningPlan | None) -> nn.Module:
-    from accelerate import init_empty_weights
+def _empty_model(config) -> nn.Module:
+    """``from_config`` with meta parameters and real buffers (rotary ``inv_freq``)."""
     from transformers import AutoModelForCausalLM
 
-    from gqaprune_core.surgery import apply_plan_
-
-    with init_empty_weights(include_buffers=False):  # rotary inv_freq stays real
+    try:
+        from accelerate import init_empty_weights
+    except ImportError:  # torch alone: everything on meta, then a real rotary embedding
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        rotary = model.model.rotary_emb
+        with torch.device("cpu"):
+            model.model.rotary_emb = type(rotary)(config=config)
+        return model
+    with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config)
     model.tie_weights()  # accelerate's patch breaks ties made inside the context; redo them
+    return model
+
+
+def _meta_model(config, plan: PruningPlan | None) -> nn.Module:
+    from gqaprune_core.surgery import apply_plan_
+
+    model = _empty_model(config)
     if plan is not None:
         first = layout(model)[0]  # config.json states the skeleton every layer fits into
         skeleton = (first.q_heads, first.kv_heads, first.head_dim, first.mlp_width)
