@@ -107,8 +107,9 @@ def plan_units(config: PruneConfig, model: nn.Module, importance: LayerImportanc
 def _optimized_units(config: PruneConfig, profile: SensitivityProfile | None, shapes, costs,
                      target: float, layer_range: range) -> tuple[list[float], UnitAllocation]:
     if profile is None:
-        raise ValueError("pruning_strategy 'optimized' needs the sensitivity profile "
-                         "(gqaprune_core.sensitivity.store.sensitivity_profile)")
+        raise ValueError("pruning_strategy 'optimized' needs the sensitivity profile: compute "
+                         "it first ('Compute sensitivity profile' in the app; run_pipeline "
+                         "and the CLI compute or read it themselves)")
     parts = prunable_parts(config, costs)
     budget = target * sum(parts[i] for i in layer_range) if target > 0 else 0.0
     allocation = optimize_units(profile, shapes, costs, budget, layer_range,
