@@ -30,6 +30,7 @@ from gqaprune_core.pruner import prune_model_
 from gqaprune_core.recovery import RecoveryReport, recover_
 from gqaprune_core.schedule import (UnitAllocation, UnitCost, allocate_units, layer_rates,
                                     unit_costs)
+from gqaprune_core.sensitivity.gate import gate_search, held_out_name
 from gqaprune_core.sensitivity.optimize import allocation_rates, optimize_units
 from gqaprune_core.sensitivity.predict import predict_kept
 from gqaprune_core.sensitivity.profile import ProfileSettings, SensitivityProfile
@@ -155,8 +156,13 @@ def run_pipeline(config: PruneConfig, model: nn.Module | None = None, tokenizer=
         model, tokenizer: an already loaded model; with ``copy_model`` (default) it is copied
             first, so a shared model (e.g. the app's cached one) is never cut in place.
         importance / importance_config: layer scores to reuse instead of computing them.
-        profile: a sensitivity profile to reuse (else, when the strategy is ``optimized``,
-            it is read from the disk cache or computed: stage ``sensitivity``).
+        profile: a sensitivity profile to reuse (else, when the strategy is ``optimized`` or
+            the gate is on, it is read from the disk cache or computed: stage ``sensitivity``).
+
+    With ``config.max_ppl_increase`` (the quality gate) everything is calibrated on the fit
+    share of the calibration corpus (``NAME:fit``), :func:`gate_search` finds the largest ratio
+    up to ``pruning_ratio`` whose measured perplexity on the held-out rest stays within the gate
+    (stage ``gate``), the run prunes at that ratio, and ``report["gate"]`` holds the curve.
         evaluate: measure perplexity before and after on ``config.eval_datasets`` (and, with
             recovery, again after it).
 
@@ -166,6 +172,8 @@ def run_pipeline(config: PruneConfig, model: nn.Module | None = None, tokenizer=
     """
     report_progress = progress or (lambda stage, done, total: None)
     timings: dict[str, float] = {}
+    if config.max_ppl_increase is not None:  # the gate validates on calibration text held out
+        config = config.with_(calibration_dataset=held_out_name(config.calibration_dataset))
     teacher = None
     with _timed(timings, "load"):
         if model is None:
@@ -192,9 +200,15 @@ def run_pipeline(config: PruneConfig, model: nn.Module | None = None, tokenizer=
     if len(importance.scores) != len(shapes_before):
         raise ValueError(f"layer importance has {len(importance.scores)} scores, model has "
                          f"{len(shapes_before)} layers")
-    if profile is None and config.pruning_strategy == "optimized":
+    if profile is None and needs_profile(config):
         with _timed(timings, "sensitivity"):
             profile = profile_for(config, model, tokenizer, report_progress)
+    gate = None
+    if config.max_ppl_increase is not None:
+        with _timed(timings, "gate"):
+            gate = gate_search(config, model, tokenizer, importance, profile,
+                               progress=lambda d, t: report_progress("gate", d, t))
+        config = config.with_(pruning_ratio=gate.ratio)
     rates, allocation = plan_units(config, model, importance, profile)
     ppl_before = _evaluate(config, model, tokenizer, evaluate, timings, "evaluate_before",
                            report_progress)
@@ -214,6 +228,8 @@ def run_pipeline(config: PruneConfig, model: nn.Module | None = None, tokenizer=
     report = build_report(config, model, params_before, plan, rates, allocation, ppl_before,
                           ppl_after, timings, ppl_after_pruning=ppl_after_pruning,
                           recovery=recovery)
+    if gate is not None:
+        report["gate"] = gate.to_dict()
     if profile is not None:
         report["predicted"] = predict_kept(profile, allocation.groups_to_keep,
                                            allocation.channels_to_keep).to_dict()
