@@ -324,12 +324,13 @@ def achieved_rates(shapes: Sequence[LayerLayout], costs, allocation: UnitAllocat
     return result
 
 
-def rate_preview(config: PruneConfig, model: nn.Module, importance: LayerImportance
-                 ) -> RatePreview:
-    """Per-layer rates and whole units kept for ``config`` (raises the library's ValueError)."""
+def rate_preview(config: PruneConfig, model: nn.Module, importance: LayerImportance,
+                 profile=None) -> RatePreview:
+    """Per-layer rates and whole units kept for ``config`` (raises the library's ValueError;
+    the ``optimized`` strategy needs the sensitivity ``profile``)."""
     from gqaprune_core.pipeline import plan_units
 
-    rates, allocation = plan_units(config, model, importance)
+    rates, allocation = plan_units(config, model, importance, profile)
     shapes, costs = layout(model), unit_costs(model)
     achieved = achieved_rates(shapes, costs, allocation, config.prune_attention, config.prune_mlp)
     rows = [{"layer": s.layer, "score": importance.scores[s.layer], "rate %": 100 * rate,
@@ -342,16 +343,19 @@ def rate_preview(config: PruneConfig, model: nn.Module, importance: LayerImporta
                        allocation_split(shapes, costs, allocation))
 
 
-def strategy_rates(config: PruneConfig, model: nn.Module, importance: LayerImportance
-                   ) -> dict[str, list[float]]:
-    """The per-layer rates every strategy would give with the other settings unchanged."""
+def strategy_rates(config: PruneConfig, model: nn.Module, importance: LayerImportance,
+                   profile=None) -> dict[str, list[float]]:
+    """The per-layer rates every strategy would give with the other settings unchanged
+    (``optimized`` only with a sensitivity ``profile``)."""
     from gqaprune_core.pipeline import plan_units
 
     result = {}
     for strategy in STRATEGIES:
+        if strategy == "optimized" and profile is None:
+            continue
         try:
             result[strategy] = plan_units(config.with_(pruning_strategy=strategy), model,
-                                          importance)[0]
+                                          importance, profile)[0]
         except ValueError:
             continue  # the chosen strategy's own error is shown; skip the overlay
     return result
@@ -439,10 +443,11 @@ def _layerwise_job(config: PruneConfig, model: nn.Module, tokenizer,
 
 
 def prune_job(config: PruneConfig, model: nn.Module, tokenizer, importance: LayerImportance | None,
-              prompt: str, max_new_tokens: int, progress: Callable[[str, int, int], None]
-              ) -> PruneRun:
+              prompt: str, max_new_tokens: int, progress: Callable[[str, int, int], None],
+              profile=None) -> PruneRun:
     """Copy the shared model, prune and evaluate the copy, and generate before and after; or,
-    when a copy would not fit (:func:`prune_layerwise_instead`), prune layer-wise from disk."""
+    when a copy would not fit (:func:`prune_layerwise_instead`), prune layer-wise from disk.
+    With a sensitivity ``profile`` the report also holds the predicted perplexity."""
     from gqaprune_core.pipeline import run_pipeline
 
     if prune_layerwise_instead(config, model):
@@ -458,7 +463,7 @@ def prune_job(config: PruneConfig, model: nn.Module, tokenizer, importance: Laye
     text_before = greedy_generate(working, tokenizer, prompt, max_new_tokens)
     # Missing layer scores are computed on the copy: same weights, so the same disk cache entry.
     result = run_pipeline(config, working, tokenizer, importance=importance, copy_model=False,
-                          progress=progress)
+                          progress=progress, profile=profile)
     progress("generate after", 0, 1)
     text_after = greedy_generate(result.model, tokenizer, prompt, max_new_tokens)
     return PruneRun(config, result.report, result.plan, result.model, tokenizer, prompt,

@@ -27,6 +27,8 @@ CONFIG_FLAGS = (
     "calibration_dataset", "eval_datasets", "eval_seq_len", "max_eval_windows", "seed", "device",
     "dtype", "recovery", "recovery_steps", "recovery_time_s", "recovery_lr", "recovery_batch_size",
     "recovery_seq_len", "recovery_samples", "layerwise", "device_map", "max_memory",
+    "max_ppl_increase", "sensitivity_samples", "sensitivity_seq_len", "sensitivity_fit_samples",
+    "sensitivity_mode",
 )
 
 
@@ -107,7 +109,9 @@ def _add_pruning_flags(parser: argparse.ArgumentParser, d: PruneConfig) -> None:
         f"layers in range; 'total': of all parameters (default: {d.ratio_of})"))
     group.add_argument("--pruning_strategy", choices=STRATEGIES, help=(
         "per-layer rates: 'inverse' prunes important layers less, 'proportional' more, "
-        f"'uniform' the same everywhere (default: {d.pruning_strategy})"))
+        "'uniform' the same everywhere; 'optimized': per layer the groups and channels with "
+        "the least predicted loss from the sensitivity profile (computed once, cached) "
+        f"(default: {d.pruning_strategy})"))
     group.add_argument("--alpha", type=float, help=(
         f"sharpness of the per-layer rates, >= 0; 0 is uniform (default: {d.alpha})"))
     group.add_argument("--min_pruning_rate", type=float, help=(
@@ -214,6 +218,28 @@ def _add_recovery_flags(parser: argparse.ArgumentParser, d: PruneConfig) -> None
         "per step and batch row, so that no window is seen twice)"))
 
 
+def _add_sensitivity_flags(parser: argparse.ArgumentParser, d: PruneConfig) -> None:
+    group = parser.add_argument_group(
+        "sensitivity profile, optimized schedule, quality gate (gqaprune_core.sensitivity)")
+    group.add_argument("--max_ppl_increase", type=float, help=(
+        "quality gate: prune the largest ratio up to --pruning_ratio whose perplexity, "
+        "measured on validation text held out of the calibration parts, stays within "
+        "(1 + this) x dense, e.g. 0.25; predicted first, then a few measured prunes; the "
+        "ratio-to-perplexity curve goes to report.json (default: off)"))
+    group.add_argument("--sensitivity_samples", type=int, help=(
+        f"profile windows the single-layer losses are measured on (default: "
+        f"{d.sensitivity_samples})"))
+    group.add_argument("--sensitivity_seq_len", type=int, help=(
+        f"tokens per profile window (default: {d.sensitivity_seq_len})"))
+    group.add_argument("--sensitivity_fit_samples", type=int, help=(
+        "calibration windows (of --seq_len tokens) the profile's channel choice and re-fit "
+        f"use (default: {d.sensitivity_fit_samples})"))
+    group.add_argument("--sensitivity_mode", choices=("anchored", "exact"), help=(
+        "'anchored': one measured point per layer and part, the rest scaled by the local "
+        "output error (about 5x cheaper); 'exact': every point measured (default: "
+        f"{d.sensitivity_mode})"))
+
+
 def _add_output_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("outputs")
     group.add_argument("--output_dir", default="prune_log", help=(
@@ -244,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_importance_flags(parser, defaults)
     _add_data_flags(parser, defaults)
     _add_recovery_flags(parser, defaults)
+    _add_sensitivity_flags(parser, defaults)
     _add_output_flags(parser)
     return parser
 

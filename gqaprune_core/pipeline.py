@@ -30,6 +30,7 @@ from gqaprune_core.pruner import prune_model_
 from gqaprune_core.recovery import RecoveryReport, recover_
 from gqaprune_core.schedule import (UnitAllocation, UnitCost, allocate_units, layer_rates,
                                     unit_costs)
+from gqaprune_core.sensitivity.gate import gate_search, held_out_name
 from gqaprune_core.sensitivity.optimize import allocation_rates, optimize_units
 from gqaprune_core.sensitivity.predict import predict_kept
 from gqaprune_core.sensitivity.profile import ProfileSettings, SensitivityProfile
@@ -107,8 +108,9 @@ def plan_units(config: PruneConfig, model: nn.Module, importance: LayerImportanc
 def _optimized_units(config: PruneConfig, profile: SensitivityProfile | None, shapes, costs,
                      target: float, layer_range: range) -> tuple[list[float], UnitAllocation]:
     if profile is None:
-        raise ValueError("pruning_strategy 'optimized' needs the sensitivity profile "
-                         "(gqaprune_core.sensitivity.store.sensitivity_profile)")
+        raise ValueError("pruning_strategy 'optimized' needs the sensitivity profile: compute "
+                         "it first ('Compute sensitivity profile' in the app; run_pipeline "
+                         "and the CLI compute or read it themselves)")
     parts = prunable_parts(config, costs)
     budget = target * sum(parts[i] for i in layer_range) if target > 0 else 0.0
     allocation = optimize_units(profile, shapes, costs, budget, layer_range,
@@ -155,8 +157,13 @@ def run_pipeline(config: PruneConfig, model: nn.Module | None = None, tokenizer=
         model, tokenizer: an already loaded model; with ``copy_model`` (default) it is copied
             first, so a shared model (e.g. the app's cached one) is never cut in place.
         importance / importance_config: layer scores to reuse instead of computing them.
-        profile: a sensitivity profile to reuse (else, when the strategy is ``optimized``,
-            it is read from the disk cache or computed: stage ``sensitivity``).
+        profile: a sensitivity profile to reuse (else, when the strategy is ``optimized`` or
+            the gate is on, it is read from the disk cache or computed: stage ``sensitivity``).
+
+    With ``config.max_ppl_increase`` (the quality gate) everything is calibrated on the fit
+    share of the calibration corpus (``NAME:fit``), :func:`gate_search` finds the largest ratio
+    up to ``pruning_ratio`` whose measured perplexity on the held-out rest stays within the gate
+    (stage ``gate``), the run prunes at that ratio, and ``report["gate"]`` holds the curve.
         evaluate: measure perplexity before and after on ``config.eval_datasets`` (and, with
             recovery, again after it).
         check_plan: called with the unit allocation before any unit is scored or cut; it may
@@ -168,6 +175,8 @@ def run_pipeline(config: PruneConfig, model: nn.Module | None = None, tokenizer=
     """
     report_progress = progress or (lambda stage, done, total: None)
     timings: dict[str, float] = {}
+    if config.max_ppl_increase is not None:  # the gate validates on calibration text held out
+        config = config.with_(calibration_dataset=held_out_name(config.calibration_dataset))
     teacher = None
     with _timed(timings, "load"):
         if model is None:
@@ -194,9 +203,15 @@ def run_pipeline(config: PruneConfig, model: nn.Module | None = None, tokenizer=
     if len(importance.scores) != len(shapes_before):
         raise ValueError(f"layer importance has {len(importance.scores)} scores, model has "
                          f"{len(shapes_before)} layers")
-    if profile is None and config.pruning_strategy == "optimized":
+    if profile is None and needs_profile(config):
         with _timed(timings, "sensitivity"):
             profile = profile_for(config, model, tokenizer, report_progress)
+    gate = None
+    if config.max_ppl_increase is not None:
+        with _timed(timings, "gate"):
+            gate = gate_search(config, model, tokenizer, importance, profile,
+                               progress=lambda d, t: report_progress("gate", d, t))
+        config = config.with_(pruning_ratio=gate.ratio)
     rates, allocation = plan_units(config, model, importance, profile)
     if check_plan is not None:
         check_plan(allocation)
@@ -218,6 +233,8 @@ def run_pipeline(config: PruneConfig, model: nn.Module | None = None, tokenizer=
     report = build_report(config, model, params_before, plan, rates, allocation, ppl_before,
                           ppl_after, timings, ppl_after_pruning=ppl_after_pruning,
                           recovery=recovery)
+    if gate is not None:
+        report["gate"] = gate.to_dict()
     if profile is not None:
         report["predicted"] = predict_kept(profile, allocation.groups_to_keep,
                                            allocation.channels_to_keep).to_dict()

@@ -209,3 +209,47 @@ def test_sensitivity_settings_are_checked():
         PruneConfig(pruning_strategy="optimized", unit_importance="naive-heads")
     with pytest.raises(ValueError, match="sensitivity mode='rough'"):
         ProfileSettings(mode="rough")
+
+
+def test_quality_gate_keeps_the_measured_perplexity_within_the_limit(tmp_path, monkeypatch):
+    from gqaprune_core.pipeline import run_pipeline
+
+    monkeypatch.setenv("GQAPRUNE_CACHE", str(tmp_path))
+    model, tokenizer = load_model("tiny", device="cpu")
+    base = PruneConfig(base_model="tiny", pruning_ratio=0.5, importance_samples=4,
+                       importance_seq_len=16, num_examples=6, seq_len=24, sensitivity_samples=3,
+                       sensitivity_seq_len=16, sensitivity_fit_samples=4, compensate=True,
+                       prune_attention=False, mode="one-shot", min_pruning_rate=0.0,
+                       max_pruning_rate=0.9, calibration_dataset="demo")
+    loose = run_pipeline(base.with_(max_ppl_increase=100.0), model, tokenizer, evaluate=False)
+    gate = loose.report["gate"]
+    assert gate["ratio"] == 0.5 and gate["validation"] == "demo:fit"
+    assert [s["passed"] for s in gate["curve"] if s["measured"] is not None] == [True]
+    tight = run_pipeline(base.with_(max_ppl_increase=1e-4), model, tokenizer,
+                         evaluate=False).report["gate"]
+    measured = [s for s in tight["curve"] if s["measured"] is not None]
+    assert 1 <= len(measured) <= 4 and tight["ratio"] < 0.5
+    assert all(s["measured"] <= tight["limit"] for s in measured if s["passed"])
+    assert all(s["ratio"] <= tight["ratio"] for s in measured if s["passed"])
+    assert tight["ratio"] == max([0.0] + [s["ratio"] for s in measured if s["passed"]])
+
+
+def test_fit_share_and_validation_never_overlap():
+    from gqaprune_core.data import load_corpus
+
+    whole, fit = load_corpus("demo"), load_corpus("demo:fit")
+    assert set(fit.calibration) | set(fit.evaluation) == set(whole.calibration)
+    assert not set(fit.calibration) & set(fit.evaluation)
+    assert not set(fit.evaluation) & set(whole.evaluation)
+    assert len(fit.evaluation) == round(0.3 * len(whole.calibration))
+
+
+def test_cli_flags_reach_the_config():
+    from gqaprune_core.cli_flags import build_parser, config_from_args
+
+    args = build_parser().parse_args(["--preset", "default", "--pruning_strategy", "optimized",
+                                      "--max_ppl_increase", "0.25", "--sensitivity_mode",
+                                      "exact", "--sensitivity_samples", "4"])
+    config = config_from_args(args)
+    assert (config.pruning_strategy, config.max_ppl_increase, config.sensitivity_mode,
+            config.sensitivity_samples) == ("optimized", 0.25, "exact", 4)
