@@ -68,6 +68,7 @@ DEFAULT_MAX_SHARD_SIZE = "5GB"
 GENERATION_NAME = "generation_config.json"
 GENERIC_TOKENIZERS = ("PreTrainedTokenizerFast", "TokenizersBackend")
 
+
 class CheckpointError(ValueError):
     """A directory that is not a readable gqaprune checkpoint (named with the offending values)."""
 

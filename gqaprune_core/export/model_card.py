@@ -98,9 +98,10 @@ def _perplexities(report: Mapping[str, object]) -> list[str]:
     if not isinstance(after, Mapping) or not after:
         return []
     before = report.get("ppl_before") or {}
+    pruned = "pruned + recovery" if report.get("recovery") else "pruned"
     lines = ["", "## Perplexity", "",
              "Measured by the run on held-out windows (never used for calibration).", "",
-             "| corpus | dense | pruned | windows | tokens per window | tokens scored |",
+             f"| corpus | dense | {pruned} | windows | tokens per window | tokens scored |",
              "|---|---:|---:|---:|---:|---:|"]
     for corpus, result in after.items():
         dense = before.get(corpus, {}).get("value") if isinstance(before, Mapping) else None

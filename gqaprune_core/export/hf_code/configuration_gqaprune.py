@@ -17,6 +17,7 @@ configuration that layer ``l`` is built from. Load with
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 from huggingface_hub.dataclasses import strict
 from transformers import LlamaConfig, MistralConfig, Qwen2Config
@@ -27,8 +28,14 @@ LAYER_FIELDS = {"layer_num_attention_heads": "num_attention_heads",
                 "layer_intermediate_size": "intermediate_size"}
 
 
+@dataclass
 class PerLayerShapes:
-    """Mixin: the per-layer lists, their validation and the per-layer configurations."""
+    """Mixin: the per-layer lists (fields of every class below), their validation and the
+    per-layer configurations."""
+
+    layer_num_attention_heads: list[int] | None = None
+    layer_num_key_value_heads: list[int] | None = None
+    layer_intermediate_size: list[int] | None = None
 
     def layer_config(self, index: int):
         """A shallow copy of this configuration with layer ``index``'s H, G and I."""
@@ -63,25 +70,16 @@ class PerLayerShapes:
 @strict
 class GQAPruneLlamaConfig(PerLayerShapes, LlamaConfig):
     model_type = "gqaprune_llama"
-    layer_num_attention_heads: list[int] | None = None
-    layer_num_key_value_heads: list[int] | None = None
-    layer_intermediate_size: list[int] | None = None
 
 
 @strict
 class GQAPruneMistralConfig(PerLayerShapes, MistralConfig):
     model_type = "gqaprune_mistral"
-    layer_num_attention_heads: list[int] | None = None
-    layer_num_key_value_heads: list[int] | None = None
-    layer_intermediate_size: list[int] | None = None
 
 
 @strict
 class GQAPruneQwen2Config(PerLayerShapes, Qwen2Config):
     model_type = "gqaprune_qwen2"
-    layer_num_attention_heads: list[int] | None = None
-    layer_num_key_value_heads: list[int] | None = None
-    layer_intermediate_size: list[int] | None = None
 
 
 __all__ = ["GQAPruneLlamaConfig", "GQAPruneMistralConfig", "GQAPruneQwen2Config"]

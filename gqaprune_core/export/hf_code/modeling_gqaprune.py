@@ -31,31 +31,31 @@ def per_layer_decoder(config, layer_class: type[nn.Module]) -> nn.ModuleList:
     return nn.ModuleList(layers)
 
 
-class GQAPruneLlamaForCausalLM(LlamaForCausalLM):
+class PerLayerDecoder:
+    """Mixin: the base model, then its decoder layers rebuilt per layer (on the meta device
+    under from_pretrained, so the first, full-size build costs nothing)."""
+
+    decoder_layer_class: type[nn.Module]
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        self.model.layers = per_layer_decoder(config, self.decoder_layer_class)
+        self.post_init()
+
+
+class GQAPruneLlamaForCausalLM(PerLayerDecoder, LlamaForCausalLM):
     config_class = GQAPruneLlamaConfig
-
-    def __init__(self, config: GQAPruneLlamaConfig):
-        super().__init__(config)  # on the meta device under from_pretrained: costs nothing
-        self.model.layers = per_layer_decoder(config, LlamaDecoderLayer)
-        self.post_init()
+    decoder_layer_class = LlamaDecoderLayer
 
 
-class GQAPruneMistralForCausalLM(MistralForCausalLM):
+class GQAPruneMistralForCausalLM(PerLayerDecoder, MistralForCausalLM):
     config_class = GQAPruneMistralConfig
-
-    def __init__(self, config: GQAPruneMistralConfig):
-        super().__init__(config)
-        self.model.layers = per_layer_decoder(config, MistralDecoderLayer)
-        self.post_init()
+    decoder_layer_class = MistralDecoderLayer
 
 
-class GQAPruneQwen2ForCausalLM(Qwen2ForCausalLM):
+class GQAPruneQwen2ForCausalLM(PerLayerDecoder, Qwen2ForCausalLM):
     config_class = GQAPruneQwen2Config
-
-    def __init__(self, config: GQAPruneQwen2Config):
-        super().__init__(config)
-        self.model.layers = per_layer_decoder(config, Qwen2DecoderLayer)
-        self.post_init()
+    decoder_layer_class = Qwen2DecoderLayer
 
 
 __all__ = ["GQAPruneLlamaForCausalLM", "GQAPruneMistralForCausalLM", "GQAPruneQwen2ForCausalLM"]
