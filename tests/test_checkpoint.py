@@ -255,6 +255,8 @@ def test_no_module_unpickles_anything():
     for path in sorted(PACKAGE.rglob("*.py")):
         found = _unsafe_loads(ast.parse(path.read_text(), filename=str(path)))
         text = path.read_text()
-        if found or "torch.load(" in text or "weights_only" in text:
-            offenders[path.name] = found or ["torch.load( / weights_only in text"]
+        # model_files names torch's weights_only unpickler in messages (it is what transformers
+        # uses under --allow_pickle); what must never appear is a load, or turning it off
+        if found or "torch.load(" in text or "weights_only=False" in text.replace(" ", ""):
+            offenders[path.name] = found or ["torch.load( / weights_only=False in text"]
     assert offenders == {}
