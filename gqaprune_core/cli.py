@@ -59,6 +59,7 @@ class Prepared:
     costs: list  # UnitCost per layer, before pruning
     target: float  # the ratio as a fraction of the prunable parameters in range
     layer_range: range
+    layerwise: bool = False  # model is then a meta skeleton; the weights stay on disk
 
 
 def prepare(args: argparse.Namespace, config: PruneConfig) -> Prepared:
@@ -79,8 +80,14 @@ def prepare(args: argparse.Namespace, config: PruneConfig) -> Prepared:
                   if args.importance_config else None)
     checks.check_corpora(config, args.test_after_prune)
     start = time.perf_counter()
-    model, tokenizer = load_model(config.base_model, config.device, config.dtype,
-                                  allow_pickle=args.allow_pickle)
+    layerwise = _decide_layerwise(config)
+    if layerwise:
+        model, tokenizer = _open_layerwise(config)
+    else:
+        model, tokenizer = load_model(config.base_model, config.device, config.dtype,
+                                      allow_pickle=args.allow_pickle,
+                                      device_map=config.device_map,
+                                      max_memory=config.max_memory)
     load_seconds = round(time.perf_counter() - start, 3)
     shapes = layout(model)
     checks.check_geometry(shapes, config.base_model, args.head_dim, args.gqa_ratio)
@@ -92,7 +99,31 @@ def prepare(args: argparse.Namespace, config: PruneConfig) -> Prepared:
             print(f"gqaprune: warning: {warning}", file=sys.stderr)
     target, layer_range = checks.check_plan(config, model, len(shapes), importance)
     return Prepared(config, model, tokenizer, importance, load_seconds, shapes,
-                    unit_costs(model), target, layer_range)
+                    unit_costs(model), target, layer_range, layerwise)
+
+
+def _decide_layerwise(config: PruneConfig) -> bool:
+    """``--layerwise``: on (refused with the reason for settings that cannot stream), off, or
+    auto (layer-wise when the weights would not fit the device)."""
+    from gqaprune_core.layerwise.pipeline import check_streamable, use_layerwise
+
+    if config.layerwise == "on":
+        check_streamable(config)
+        if config.device_map is not None:
+            raise ValueError("--layerwise on brings one layer at a time onto --device; "
+                             "--device_map is for in-memory runs (use one or the other)")
+    return config.device_map is None and use_layerwise(config)
+
+
+def _open_layerwise(config: PruneConfig):
+    """A meta skeleton (shapes only, no weights) and the tokenizer of the source on disk."""
+    from gqaprune_core.layerwise.source import load_tokenizer, meta_skeleton, open_source
+
+    source = open_source(config.base_model)
+    try:
+        return meta_skeleton(source), load_tokenizer(source)
+    finally:
+        source.close()
 
 
 # ---- the run ---------------------------------------------------------------------------------
@@ -104,6 +135,7 @@ class ProgressBars:
         self.enabled = enabled
         self.bar = None
         self.stage = ""
+        self.postfix = ""
 
     def __call__(self, stage: str, done: int, total: int) -> None:
         if not self.enabled:
@@ -115,9 +147,18 @@ class ProgressBars:
             self.bar = tqdm(total=total, desc=stage.replace("_", " "), file=sys.stderr,
                             dynamic_ncols=True)
             self.stage = stage
+        if self.postfix:
+            self.bar.set_postfix_str(self.postfix, refresh=False)
+            self.postfix = ""
         self.bar.update(done - self.bar.n)
         if done >= total:
             self.close()
+
+    def step(self, event) -> None:
+        """A layer-wise stage finished a layer (a LayerStep; called before the bar moves):
+        its seconds and the memory in use go beside the bar."""
+        self.postfix = (f"layer {event.index + 1}/{event.total}, {event.seconds:.2f} s/layer, "
+                        f"{event.memory_bytes / 2**30:.2f} GiB")
 
     def close(self) -> None:
         if self.bar is not None:
@@ -134,19 +175,23 @@ class CliRun:
     report: dict
 
 
+def _command(argv: Sequence[str]) -> str:
+    return shlex.join(["python", "-m", "gqaprune_core", *argv])
+
+
 def _settings(args: argparse.Namespace, argv: Sequence[str], prep: Prepared,
               paths: outputs.RunPaths) -> dict[str, dict[str, object]]:
     """Every setting of the run, by section, for description.txt and training.log."""
     from gqaprune_core.models import count_parameters
 
     first = prep.shapes[0]
-    device = next(prep.model.parameters())
+    device = next(prep.model.parameters())  # meta for a layer-wise run's skeleton
     cli_only = ("preset", "skip_importance_analysis", "importance_config", "test_after_prune",
                 "save_model", "head_dim", "gqa_ratio", "output_dir", "save_ckpt_log_name",
-                "overwrite", "quiet", "allow_pickle", "allow_foreign_importance")
+                "overwrite", "quiet", "max_shard_size", "allow_pickle", "allow_foreign_importance")
     return {
         "run": {"name": paths.root.name, "run_dir": paths.root, "log_dir": paths.log_dir,
-                "command": shlex.join(["python", "-m", "gqaprune_core", *argv])},
+                "command": _command(argv)},
         "config": prep.config.to_dict(),
         "cli": {name: getattr(args, name) for name in cli_only},
         "model": {"layers": len(prep.shapes), "q_heads": first.q_heads,
@@ -155,7 +200,8 @@ def _settings(args: argparse.Namespace, argv: Sequence[str], prep: Prepared,
                   "parameters": count_parameters(prep.model), "device": device.device,
                   "dtype": device.dtype, "load_seconds": prep.load_seconds,
                   "prunable_target": round(prep.target, 6),
-                  "layer_range": f"{prep.layer_range.start}..{prep.layer_range.stop - 1}"},
+                  "layer_range": f"{prep.layer_range.start}..{prep.layer_range.stop - 1}",
+                  "layerwise": prep.layerwise},
     }
 
 
@@ -172,7 +218,7 @@ def achieved_layer_rates(prep: Prepared, allocation) -> list[float]:
 
 
 def _write_results(args: argparse.Namespace, prep: Prepared, paths: outputs.RunPaths,
-                   result, log) -> dict:
+                   result, log, command: str = "") -> dict:
     """layer_importance_config.json, the plot, model/ (--save_model), then report.json."""
     from gqaprune_core.layer_importance import save_importance_config
 
@@ -187,11 +233,18 @@ def _write_results(args: argparse.Namespace, prep: Prepared, paths: outputs.RunP
     report["timings_s"] = dict(report["timings_s"], load=prep.load_seconds)
     report["budget_met"] = result.allocation.budget_met
     report["importance_source"] = args.importance_config or "computed"
-    if args.save_model:
-        from gqaprune_core.checkpoint import save_pruned
+    if prep.layerwise:  # written layer by layer during the run
+        report["model_dir"] = str(paths.model.resolve())
+        log.info("layer-wise: the pruned model was written to %s", paths.model)
+    elif args.save_model:
+        from gqaprune_core.checkpoint import DEFAULT_MAX_SHARD_SIZE, save_pruned
+        from gqaprune_core.export.model_card import CardInfo
 
         start = time.perf_counter()
-        save_pruned(result.model, result.tokenizer, result.plan, paths.model)
+        card = CardInfo(base_model=config.base_model, command=command,
+                        settings=config.to_dict(), report=report)
+        save_pruned(result.model, result.tokenizer, result.plan, paths.model,
+                    max_shard_size=args.max_shard_size or DEFAULT_MAX_SHARD_SIZE, card=card)
         report["timings_s"]["save"] = round(time.perf_counter() - start, 3)
         report["model_dir"] = str(paths.model.resolve())
         log.info("saved the pruned model to %s", paths.model)
@@ -242,14 +295,23 @@ def _run(args: argparse.Namespace, argv: Sequence[str], prep: Prepared,
     log.info("layer importance: %s", source)
     bars = ProgressBars(enabled=not args.quiet)
     try:
-        result = run_pipeline(prep.config, prep.model, prep.tokenizer,
-                              importance=prep.importance, copy_model=False,
-                              evaluate=args.test_after_prune, progress=bars,
-                              check_plan=lambda allocation: checks.check_removal(
-                                  prep.config, allocation, prep.model))
+        if prep.layerwise:
+            from gqaprune_core.layerwise.pipeline import run_layerwise
+
+            log.info("layer-wise: one decoder layer at a time from %s (the model is always "
+                     "written, to %s)", prep.config.base_model, paths.model)
+            result = run_layerwise(prep.config, paths.model, importance=prep.importance,
+                                   evaluate=args.test_after_prune, overwrite=args.overwrite,
+                                   progress=bars, on_step=bars.step)
+        else:
+            result = run_pipeline(prep.config, prep.model, prep.tokenizer,
+                                  importance=prep.importance, copy_model=False,
+                                  evaluate=args.test_after_prune, progress=bars,
+                                  check_plan=lambda allocation: checks.check_removal(
+                                      prep.config, allocation, prep.model))
     finally:
         bars.close()
-    report = _write_results(args, prep, paths, result, log)
+    report = _write_results(args, prep, paths, result, log, command=_command(argv))
     _log_results(log, report, result)
     summary = outputs.summary_table(report)
     log.info("results:\n%s", summary, extra=outputs.FILE_ONLY)

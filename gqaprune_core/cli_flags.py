@@ -11,9 +11,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from gqaprune_core.config import (GROUP_ROUNDINGS, IMPORTANCE_METHODS, MODES, PRESETS,
-                                  RECOVERY_DEFAULT_LR, RECOVERY_METHODS, STRATEGIES, UNIT_METHODS,
-                                  PruneConfig)
+from gqaprune_core.config import (GROUP_ROUNDINGS, IMPORTANCE_METHODS, LAYERWISE_CHOICES,
+                                  MODES, PRESETS, RECOVERY_DEFAULT_LR, RECOVERY_METHODS,
+                                  STRATEGIES, UNIT_METHODS, PruneConfig)
 
 DEFAULT_PRESET = "original"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -26,7 +26,9 @@ CONFIG_FLAGS = (
     "refit_feedback",
     "calibration_dataset", "eval_datasets", "eval_seq_len", "max_eval_windows", "seed", "device",
     "dtype", "recovery", "recovery_steps", "recovery_time_s", "recovery_lr", "recovery_batch_size",
-    "recovery_seq_len", "recovery_samples",
+    "recovery_seq_len", "recovery_samples", "layerwise", "device_map", "max_memory",
+    "max_ppl_increase", "sensitivity_samples", "sensitivity_seq_len", "sensitivity_fit_samples",
+    "sensitivity_mode",
 )
 
 
@@ -51,6 +53,15 @@ def _eval_windows(text: str) -> int | str:
     return value
 
 
+def _shard_size(text: str) -> int:
+    from gqaprune_core.export.shards import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+
+
 def _corpus_list(text: str) -> tuple[str, ...]:
     return tuple(name.strip() for name in text.split(",") if name.strip())
 
@@ -68,12 +79,22 @@ def _add_model_flags(parser: argparse.ArgumentParser, d: PruneConfig) -> None:
                        f"'cpu', 'cuda', 'cuda:1', ... (default: {d.device})")
     group.add_argument("--dtype", choices=DTYPES, help=(
         "weight dtype; 'auto' is bfloat16 on GPU, float32 on CPU (default: auto)"))
+    group.add_argument("--layerwise", choices=LAYERWISE_CHOICES, help=(
+        "'on': prune one decoder layer at a time from the weights on disk into the output "
+        "shards (models larger than the device; forward-only settings such as the default "
+        "preset); 'off': load the whole model; 'auto': layer-wise when the weights would not "
+        f"fit the device's free memory (default: {d.layerwise})"))
+    group.add_argument("--device_map", choices=("auto",), help=(
+        "in memory: spread the model over all GPUs (then CPU, then disk) with accelerate, "
+        "instead of one --device (default: one device)"))
+    group.add_argument("--max_memory", metavar="DEV=SIZE,...", help=(
+        "with --device_map: memory per device, e.g. '0=20GiB,1=20GiB,cpu=64GiB'"))
     group.add_argument("--seed", type=int, help=f"seed of calibration sampling and random "
                        f"scores (default: {d.seed})")
     group.add_argument("--allow_pickle", action="store_true", help=(
         "read a model directory whose only weights are pickled (pytorch_model.bin), with "
-        "torch's weights_only unpickler; without it such a directory is refused (convert it "
-        "to safetensors)"))
+        "torch's restricted (weights-only) unpickler; without it such a directory is refused "
+        "(convert it to safetensors)"))
     group.add_argument("--preset", choices=sorted(PRESETS), help=(
         f"start from this preset's settings; explicit flags override them (default: "
         f"{DEFAULT_PRESET}, with the MLP left whole unless --prune_mlp)"))
@@ -88,7 +109,9 @@ def _add_pruning_flags(parser: argparse.ArgumentParser, d: PruneConfig) -> None:
         f"layers in range; 'total': of all parameters (default: {d.ratio_of})"))
     group.add_argument("--pruning_strategy", choices=STRATEGIES, help=(
         "per-layer rates: 'inverse' prunes important layers less, 'proportional' more, "
-        f"'uniform' the same everywhere (default: {d.pruning_strategy})"))
+        "'uniform' the same everywhere; 'optimized': per layer the groups and channels with "
+        "the least predicted loss from the sensitivity profile (computed once, cached) "
+        f"(default: {d.pruning_strategy})"))
     group.add_argument("--alpha", type=float, help=(
         f"sharpness of the per-layer rates, >= 0; 0 is uniform (default: {d.alpha})"))
     group.add_argument("--min_pruning_rate", type=float, help=(
@@ -195,6 +218,28 @@ def _add_recovery_flags(parser: argparse.ArgumentParser, d: PruneConfig) -> None
         "per step and batch row, so that no window is seen twice)"))
 
 
+def _add_sensitivity_flags(parser: argparse.ArgumentParser, d: PruneConfig) -> None:
+    group = parser.add_argument_group(
+        "sensitivity profile, optimized schedule, quality gate (gqaprune_core.sensitivity)")
+    group.add_argument("--max_ppl_increase", type=float, help=(
+        "quality gate: prune the largest ratio up to --pruning_ratio whose perplexity, "
+        "measured on validation text held out of the calibration parts, stays within "
+        "(1 + this) x dense, e.g. 0.25; predicted first, then a few measured prunes; the "
+        "ratio-to-perplexity curve goes to report.json (default: off)"))
+    group.add_argument("--sensitivity_samples", type=int, help=(
+        f"profile windows the single-layer losses are measured on (default: "
+        f"{d.sensitivity_samples})"))
+    group.add_argument("--sensitivity_seq_len", type=int, help=(
+        f"tokens per profile window (default: {d.sensitivity_seq_len})"))
+    group.add_argument("--sensitivity_fit_samples", type=int, help=(
+        "calibration windows (of --seq_len tokens) the profile's channel choice and re-fit "
+        f"use (default: {d.sensitivity_fit_samples})"))
+    group.add_argument("--sensitivity_mode", choices=("anchored", "exact"), help=(
+        "'anchored': one measured point per layer and part, the rest scaled by the local "
+        "output error (about 5x cheaper); 'exact': every point measured (default: "
+        f"{d.sensitivity_mode})"))
+
+
 def _add_output_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("outputs")
     group.add_argument("--output_dir", default="prune_log", help=(
@@ -205,6 +250,9 @@ def _add_output_flags(parser: argparse.ArgumentParser) -> None:
         "save the pruned model to OUTPUT_DIR/NAME/model/ (load it with load_pruned)"))
     group.add_argument("--overwrite", action="store_true", help=(
         "replace the outputs of a previous run of the same name (otherwise an error)"))
+    group.add_argument("--max_shard_size", type=_shard_size, metavar="SIZE", help=(
+        "with --save_model: the most bytes per weights file, e.g. 5GB, 200MB, 1GiB (default: "
+        "5GB, as Hugging Face); more become model-0000N-of-0000M.safetensors + an index"))
     group.add_argument("--quiet", action="store_true", help=(
         "no progress bars or log lines on the terminal (the summary and errors still print)"))
 
@@ -222,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_importance_flags(parser, defaults)
     _add_data_flags(parser, defaults)
     _add_recovery_flags(parser, defaults)
+    _add_sensitivity_flags(parser, defaults)
     _add_output_flags(parser)
     return parser
 

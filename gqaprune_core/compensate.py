@@ -101,7 +101,7 @@ def dense_residuals(model: nn.Module, calibration: torch.Tensor, layers: Sequenc
     return out
 
 
-def _mlp_activations(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def mlp_activations(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """(N, I) float64 intermediate activations of the (not yet cut) MLP."""
     h = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
     return h.reshape(-1, h.shape[-1]).double()
@@ -144,7 +144,7 @@ def prune_mlp_compensated_(model: nn.Module, calibration: torch.Tensor,
     def make_hook(index: int):
         def hook(mlp: nn.Module, args):
             x = args[0]
-            h = _mlp_activations(mlp, x)
+            h = mlp_activations(mlp, x)
             gram = h.T @ h
             drift = None
             if feedback:  # hᵀ (r + m - r̃ - h Wᵀ), in float64

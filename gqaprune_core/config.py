@@ -11,19 +11,23 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Literal
 
 ImportanceMethod = Literal["removal", "activation", "block_influence"]
-Strategy = Literal["inverse", "proportional", "uniform"]
+Strategy = Literal["inverse", "proportional", "uniform", "optimized"]
 Mode = Literal["sequential", "one-shot"]
 UnitImportance = Literal["taylor", "magnitude", "activation", "random", "naive-heads"]
 RatioOf = Literal["prunable", "total"]
 GroupRounding = Literal["across", "per_layer"]
 Recovery = Literal["none", "lora", "full"]
+Layerwise = Literal["auto", "on", "off"]
 
 IMPORTANCE_METHODS = ("removal", "activation", "block_influence")
-STRATEGIES = ("inverse", "proportional", "uniform")
+# "optimized": per-layer units chosen from the sensitivity profile (gqaprune_core.sensitivity)
+STRATEGIES = ("inverse", "proportional", "uniform", "optimized")
+SENSITIVITY_MODES = ("anchored", "exact")
 MODES = ("sequential", "one-shot")
 UNIT_METHODS = ("taylor", "magnitude", "activation", "random", "naive-heads")
 GROUP_ROUNDINGS = ("across", "per_layer")
 RECOVERY_METHODS = ("none", "lora", "full")
+LAYERWISE_CHOICES = ("auto", "on", "off")
 # Learning rates of recovery when none is given, chosen on held-out calibration text
 # (benchmarks/select_recovery.py, BENCHMARKS.md): LoRA's adapters start at zero and need a
 # larger step than full fine-tuning, which moves weights that are mostly right already.
@@ -82,14 +86,35 @@ class PruneConfig:
     recovery_batch_size: int = 4
     recovery_seq_len: int = 256
     recovery_samples: int | None = None
+    # Sensitivity profile (gqaprune_core.sensitivity), used by pruning_strategy="optimized", the
+    # quality gate and the predicted perplexity: the loss of single-layer cuts on
+    # sensitivity_samples x sensitivity_seq_len calibration windows, channels chosen and re-fit
+    # on sensitivity_fit_samples x seq_len windows; "anchored" measures one point per layer and
+    # part and scales the rest by the local output error, "exact" measures every point.
+    sensitivity_samples: int = 8
+    sensitivity_seq_len: int = 128
+    sensitivity_fit_samples: int = 32
+    sensitivity_mode: Literal["anchored", "exact"] = "anchored"
+    # Quality gate: the largest ratio (up to pruning_ratio) whose measured perplexity on a
+    # held-out validation part stays within (1 + max_ppl_increase) x dense; None = off.
+    max_ppl_increase: float | None = None
     seed: int = 0
     device: str = "auto"
     dtype: str | None = None
+    # Layer-wise: one decoder layer at a time from the weights on disk into output shards
+    # (gqaprune_core.layerwise), for models larger than the device. "auto": when the model's
+    # weights would not fit the device's free memory with margin.
+    layerwise: Layerwise = "auto"
+    # In memory on several devices (accelerate's big-model dispatch): device_map "auto" spreads
+    # the layers over the GPUs (then CPU, then disk); max_memory e.g. "0=20GiB,1=20GiB,cpu=64GiB".
+    device_map: str | None = None
+    max_memory: str | None = None
 
     def __post_init__(self) -> None:
         choices = {"importance_method": IMPORTANCE_METHODS, "pruning_strategy": STRATEGIES,
                    "mode": MODES, "unit_importance": UNIT_METHODS, "ratio_of": ("prunable", "total"),
-                   "group_rounding": GROUP_ROUNDINGS, "recovery": RECOVERY_METHODS}
+                   "group_rounding": GROUP_ROUNDINGS, "recovery": RECOVERY_METHODS,
+                   "layerwise": LAYERWISE_CHOICES, "sensitivity_mode": SENSITIVITY_MODES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}; choose one of {', '.join(allowed)}")
@@ -113,6 +138,11 @@ class PruneConfig:
         if self.layer_start < 0 or (self.layer_end is not None and self.layer_end <= self.layer_start):
             raise ValueError(f"layer range [{self.layer_start}, {self.layer_end}) is empty or negative")
         self._check_recovery()
+        if self.device_map not in (None, "auto"):
+            raise ValueError(f"device_map={self.device_map!r}; choose 'auto' or None (one device)")
+        if self.max_memory is not None and self.device_map is None:
+            raise ValueError("max_memory needs device_map='auto' (--device_map auto)")
+        self._check_sensitivity()
         if not (self.prune_attention or self.prune_mlp):
             raise ValueError("nothing to prune: both prune_attention and prune_mlp are off")
         if isinstance(self.eval_datasets, list):
@@ -131,6 +161,17 @@ class PruneConfig:
                              "one window per step and batch row)")
         if self.recovery_seq_len < 2:
             raise ValueError(f"recovery_seq_len={self.recovery_seq_len} must be >= 2")
+
+    def _check_sensitivity(self) -> None:
+        for name in ("sensitivity_samples", "sensitivity_fit_samples", "sensitivity_seq_len"):
+            if getattr(self, name) < 2:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 2")
+        if self.max_ppl_increase is not None and not self.max_ppl_increase > 0:
+            raise ValueError(f"max_ppl_increase={self.max_ppl_increase} must be > 0 (0.25: at "
+                             "most 25 % above the dense perplexity), or None for no gate")
+        if self.pruning_strategy == "optimized" and self.unit_importance == "naive-heads":
+            raise ValueError("pruning_strategy 'optimized' plans whole GQA groups; "
+                             "unit_importance 'naive-heads' cannot be planned: use taylor")
 
     def recovery_windows(self) -> int:
         """Calibration windows recovery draws: ``recovery_samples``, or when None one per step

@@ -11,6 +11,10 @@ Named sources:
 - any local ``.txt`` file: documents are separated by blank lines.
 - ``a+b``: a mixture, e.g. ``demo+pydoc``; each part keeps its own split, and calibration
   windows come from the parts in equal shares.
+- ``NAME:fit``: NAME's calibration part split again by document, the first
+  ``1 - VALIDATION_FRACTION`` to calibrate and the rest as its evaluation part, a *validation*
+  part carved from calibration text (the quality gate measures there; NAME's evaluation part
+  is never touched). ``demo:fit+pydoc:fit`` mixes such parts.
 
 The split is by document: the first ``calibration_fraction`` of a source's documents calibrate,
 the rest evaluate, so no text is both. For ``datasets`` sources the dataset's own train and
@@ -28,6 +32,7 @@ from pathlib import Path
 import torch
 
 BUILTIN_CORPORA = ("demo", "pydoc", "wiki", "wikitext2", "ptb", "c4")
+VALIDATION_FRACTION = 0.3  # of a calibration part's documents, for NAME:fit
 
 
 class CorpusError(ValueError):
@@ -129,6 +134,13 @@ def load_corpus(name: str, calibration_fraction: float = 0.5) -> Corpus:
     """Load a named corpus, a ``.txt`` path, or a ``+``-joined mixture of them."""
     if "+" in name:
         return mixture([load_corpus(part, calibration_fraction) for part in name.split("+")])
+    if name.endswith(":fit"):
+        documents = load_corpus(name[:-len(":fit")], calibration_fraction).calibration
+        if len(documents) < 2:
+            raise CorpusError(f"corpus {name!r}: the calibration part has {len(documents)} "
+                              "document(s), too few to carve a validation part from")
+        cut = min(max(1, round(len(documents) * (1 - VALIDATION_FRACTION))), len(documents) - 1)
+        return Corpus(name, documents[:cut], documents[cut:])
     if name == "demo":
         return _split(name, _demo_documents(), calibration_fraction)
     if name == "pydoc":

@@ -238,7 +238,37 @@ def _load_gguf(path: Path, dtype: torch.dtype):
     return model, tokenizer
 
 
-def _load_hf_dir(path: Path, dtype: torch.dtype, allow_pickle: bool = False):
+def parse_max_memory(text: str | None) -> dict[int | str, str] | None:
+    """``"0=20GiB,1=20GiB,cpu=64GiB"`` → ``{0: "20GiB", 1: "20GiB", "cpu": "64GiB"}``.
+
+    Raises:
+        ValueError: an entry without ``=``, or a device that is not a GPU index, cpu or disk.
+    """
+    if text is None:
+        return None
+    limits: dict[int | str, str] = {}
+    for entry in filter(None, (part.strip() for part in text.split(","))):
+        device, sep, size = entry.partition("=")
+        device, size = device.strip(), size.strip()
+        if not sep or not size or not (device.isdigit() or device in ("cpu", "disk")):
+            raise ValueError(f"max_memory entry {entry!r} is not DEVICE=SIZE with DEVICE a GPU "
+                             "index, cpu or disk (e.g. '0=20GiB,1=20GiB,cpu=64GiB')")
+        limits[int(device) if device.isdigit() else device] = size
+    return limits
+
+
+def _dispatch_settings(device_map: str | None, max_memory: str | None) -> dict:
+    """from_pretrained keywords for accelerate's big-model dispatch (none without a map)."""
+    if device_map is None:
+        return {}
+    folder = cache_dir() / "offload"
+    folder.mkdir(parents=True, exist_ok=True)
+    return {"device_map": device_map, "max_memory": parse_max_memory(max_memory),
+            "offload_folder": tempfile.mkdtemp(prefix="run-", dir=folder)}
+
+
+def _load_hf_dir(path: Path, dtype: torch.dtype, allow_pickle: bool = False,
+                 dispatch: dict | None = None):
     """A Hugging Face model directory: safetensors weights (pickles only with ``allow_pickle``,
     see :mod:`gqaprune_core.model_files`), a tokenizer, shapes that fit config.json."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -253,7 +283,8 @@ def _load_hf_dir(path: Path, dtype: torch.dtype, allow_pickle: bool = False):
     model_files.check_tokenizer_files(path)
     if model_files.weight_format(path, allow_pickle) == "safetensors":
         model_files.check_weight_shapes(path, config)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
+                                                     **(dispatch or {}))
     else:
         model = model_files.guard_unpickling(path, lambda: AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, use_safetensors=False))
@@ -262,12 +293,30 @@ def _load_hf_dir(path: Path, dtype: torch.dtype, allow_pickle: bool = False):
     return model, tokenizer
 
 
+def _refuse_offload(model: nn.Module, source: str) -> None:
+    """Raise if accelerate offloaded weights (meta parameters loaded per forward pass)."""
+    offloaded = [name for name, p in model.named_parameters() if p.device.type == "meta"]
+    if offloaded:
+        raise ModelLoadError(
+            f"device_map put {len(offloaded)} tensors of {source!r} (e.g. {offloaded[0]}) in "
+            "CPU or disk offload: max_memory of the GPUs is below the model's size. gqaprune "
+            "cuts weights in place and scores them with gradients, which offloaded weights do "
+            "not allow: raise --max_memory, add GPUs, or use --layerwise on (it streams the "
+            "weights from disk by design)")
+
+
 def load_model(source: str | os.PathLike = "demo", device: str = "auto",
-               dtype: str | torch.dtype | None = None, *, allow_pickle: bool = False):
+               dtype: str | torch.dtype | None = None, *, allow_pickle: bool = False,
+               device_map: str | None = None, max_memory: str | None = None):
     """Load ``(model, tokenizer)`` in eval mode on the chosen device.
 
     ``allow_pickle``: read a directory whose only weights are ``pytorch_model.bin`` (torch's
-    ``weights_only`` unpickler); by default such a directory is refused.
+    restricted unpickler, see :mod:`gqaprune_core.model_files`); by default it is refused.
+
+    With ``device_map="auto"`` (Hugging Face directories and the demo model) accelerate
+    spreads the layers over the GPUs, then CPU, then disk (an offload folder under
+    ``cache/offload``), within ``max_memory`` (see :func:`parse_max_memory`); its hooks move
+    each layer's inputs to that layer's device. ``device`` then only picks the dtype.
 
     Raises:
         ModelLoadError: a missing path, a non-decoder model, a GGUF file without tokenizer or
@@ -284,8 +333,12 @@ def load_model(source: str | os.PathLike = "demo", device: str = "auto",
         model, tokenizer = tiny_model(), char_tokenizer()
         for param in model.parameters():  # buffers such as RoPE's inv_freq stay fp32
             param.data = param.data.to(torch_dtype)
+    elif device_map is not None and (text in ("tiny",) or text.endswith(".gguf")):
+        raise ModelLoadError(f"device_map needs a Hugging Face model directory or 'demo', not "
+                             f"{text!r}; use --device instead")
     elif text == "demo":
-        model, tokenizer = _load_hf_dir(demo_model_dir(), torch_dtype)
+        model, tokenizer = _load_hf_dir(demo_model_dir(), torch_dtype,
+                                        dispatch=_dispatch_settings(device_map, max_memory))
     else:
         path = Path(text).expanduser()
         if not path.exists():
@@ -293,10 +346,14 @@ def load_model(source: str | os.PathLike = "demo", device: str = "auto",
         if path.is_file() and path.suffix == ".gguf":
             model, tokenizer = _load_gguf(path, torch_dtype)
         elif path.is_dir():
-            model, tokenizer = _load_hf_dir(path, torch_dtype, allow_pickle)
+            model, tokenizer = _load_hf_dir(path, torch_dtype, allow_pickle,
+                                            _dispatch_settings(device_map, max_memory))
         else:
             raise ModelLoadError(f"{str(path)!r} is neither a model directory nor a .gguf file")
     layout(model)  # refuses models that are not groupable, with the layer named
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if device_map is not None:
+        _refuse_offload(model, text)
+        return model.eval(), tokenizer  # accelerate placed every module
     return model.to(target).eval(), tokenizer

@@ -30,9 +30,14 @@ from gqaprune_core.pruner import prune_model_
 from gqaprune_core.recovery import RecoveryReport, recover_
 from gqaprune_core.schedule import (UnitAllocation, UnitCost, allocate_units, layer_rates,
                                     unit_costs)
+from gqaprune_core.sensitivity.gate import gate_search, held_out_name
+from gqaprune_core.sensitivity.optimize import allocation_rates, optimize_units
+from gqaprune_core.sensitivity.predict import predict_kept
+from gqaprune_core.sensitivity.profile import ProfileSettings, SensitivityProfile
+from gqaprune_core.sensitivity.store import sensitivity_profile
 
-# (stage, done, total); stages: load, importance, evaluate_before, prune, evaluate_after and,
-# with recovery, recover and evaluate_recovered
+# (stage, done, total); stages: load, importance, [sensitivity,] evaluate_before, prune,
+# evaluate_after and, with recovery, recover and evaluate_recovered
 Progress = Callable[[str, int, int], None]
 
 
@@ -75,9 +80,11 @@ def prunable_target(config: PruneConfig, model: nn.Module, layer_range: range) -
     return target
 
 
-def plan_units(config: PruneConfig, model: nn.Module, importance: LayerImportance
-               ) -> tuple[list[float], UnitAllocation]:
-    """Layer scores → per-layer rates → whole groups and channels per layer."""
+def plan_units(config: PruneConfig, model: nn.Module, importance: LayerImportance,
+               profile: SensitivityProfile | None = None) -> tuple[list[float], UnitAllocation]:
+    """Layer scores → per-layer rates → whole groups and channels per layer; with
+    ``pruning_strategy="optimized"`` the units come from the sensitivity ``profile`` instead
+    (required then; the rates reported are the shares each layer loses)."""
     shapes = layout(model)
     end = len(shapes) if config.layer_end is None else min(config.layer_end, len(shapes))
     if config.layer_start >= end:
@@ -85,6 +92,9 @@ def plan_units(config: PruneConfig, model: nn.Module, importance: LayerImportanc
                          f"the model's {len(shapes)} layers")
     costs = unit_costs(model)
     target = prunable_target(config, model, range(config.layer_start, end))
+    if config.pruning_strategy == "optimized":
+        return _optimized_units(config, profile, shapes, costs, target,
+                                range(config.layer_start, end))
     rates = layer_rates(importance.scores, target, config.pruning_strategy, config.alpha,
                         config.min_pruning_rate, config.max_pruning_rate, config.layer_start, end,
                         weights=prunable_parts(config, costs))
@@ -93,6 +103,35 @@ def plan_units(config: PruneConfig, model: nn.Module, importance: LayerImportanc
                                 group_rounding=config.group_rounding,
                                 channel_multiple=config.channel_multiple)
     return rates, allocation
+
+
+def _optimized_units(config: PruneConfig, profile: SensitivityProfile | None, shapes, costs,
+                     target: float, layer_range: range) -> tuple[list[float], UnitAllocation]:
+    if profile is None:
+        raise ValueError("pruning_strategy 'optimized' needs the sensitivity profile: compute "
+                         "it first ('Compute sensitivity profile' in the app; run_pipeline "
+                         "and the CLI compute or read it themselves)")
+    parts = prunable_parts(config, costs)
+    budget = target * sum(parts[i] for i in layer_range) if target > 0 else 0.0
+    allocation = optimize_units(profile, shapes, costs, budget, layer_range,
+                                config.prune_attention, config.prune_mlp,
+                                config.channel_multiple, config.max_pruning_rate)
+    rates = allocation_rates(allocation, shapes, costs, config.prune_attention, config.prune_mlp)
+    return rates, allocation
+
+
+def needs_profile(config: PruneConfig) -> bool:
+    """Whether a run of ``config`` uses the sensitivity profile."""
+    return config.pruning_strategy == "optimized" or config.max_ppl_increase is not None
+
+
+def profile_for(config: PruneConfig, model: nn.Module, tokenizer,
+                progress: Progress | None = None) -> SensitivityProfile:
+    """The sensitivity profile ``config`` implies, from the disk cache or computed."""
+    report = progress or (lambda stage, done, total: None)
+    return sensitivity_profile(model, tokenizer, ProfileSettings.from_config(config),
+                               model_id=config.base_model,
+                               progress=lambda d, t: report("sensitivity", d, t))
 
 
 def _timed(timings: dict, name: str):
@@ -110,13 +149,21 @@ def run_pipeline(config: PruneConfig, model: nn.Module | None = None, tokenizer=
                  importance: LayerImportance | None = None,
                  importance_config: str | Path | None = None, copy_model: bool = True,
                  evaluate: bool = True, progress: Progress | None = None,
-                 check_plan: Callable[[UnitAllocation], None] | None = None) -> PipelineResult:
+                 check_plan: Callable[[UnitAllocation], None] | None = None,
+                 profile: SensitivityProfile | None = None) -> PipelineResult:
     """Prune according to ``config``.
 
     Args:
         model, tokenizer: an already loaded model; with ``copy_model`` (default) it is copied
             first, so a shared model (e.g. the app's cached one) is never cut in place.
         importance / importance_config: layer scores to reuse instead of computing them.
+        profile: a sensitivity profile to reuse (else, when the strategy is ``optimized`` or
+            the gate is on, it is read from the disk cache or computed: stage ``sensitivity``).
+
+    With ``config.max_ppl_increase`` (the quality gate) everything is calibrated on the fit
+    share of the calibration corpus (``NAME:fit``), :func:`gate_search` finds the largest ratio
+    up to ``pruning_ratio`` whose measured perplexity on the held-out rest stays within the gate
+    (stage ``gate``), the run prunes at that ratio, and ``report["gate"]`` holds the curve.
         evaluate: measure perplexity before and after on ``config.eval_datasets`` (and, with
             recovery, again after it).
         check_plan: called with the unit allocation before any unit is scored or cut; it may
@@ -128,6 +175,8 @@ def run_pipeline(config: PruneConfig, model: nn.Module | None = None, tokenizer=
     """
     report_progress = progress or (lambda stage, done, total: None)
     timings: dict[str, float] = {}
+    if config.max_ppl_increase is not None:  # the gate validates on calibration text held out
+        config = config.with_(calibration_dataset=held_out_name(config.calibration_dataset))
     teacher = None
     with _timed(timings, "load"):
         if model is None:
@@ -154,7 +203,16 @@ def run_pipeline(config: PruneConfig, model: nn.Module | None = None, tokenizer=
     if len(importance.scores) != len(shapes_before):
         raise ValueError(f"layer importance has {len(importance.scores)} scores, model has "
                          f"{len(shapes_before)} layers")
-    rates, allocation = plan_units(config, model, importance)
+    if profile is None and needs_profile(config):
+        with _timed(timings, "sensitivity"):
+            profile = profile_for(config, model, tokenizer, report_progress)
+    gate = None
+    if config.max_ppl_increase is not None:
+        with _timed(timings, "gate"):
+            gate = gate_search(config, model, tokenizer, importance, profile,
+                               progress=lambda d, t: report_progress("gate", d, t))
+        config = config.with_(pruning_ratio=gate.ratio)
+    rates, allocation = plan_units(config, model, importance, profile)
     if check_plan is not None:
         check_plan(allocation)
     ppl_before = _evaluate(config, model, tokenizer, evaluate, timings, "evaluate_before",
@@ -175,6 +233,11 @@ def run_pipeline(config: PruneConfig, model: nn.Module | None = None, tokenizer=
     report = build_report(config, model, params_before, plan, rates, allocation, ppl_before,
                           ppl_after, timings, ppl_after_pruning=ppl_after_pruning,
                           recovery=recovery)
+    if gate is not None:
+        report["gate"] = gate.to_dict()
+    if profile is not None:
+        report["predicted"] = predict_kept(profile, allocation.groups_to_keep,
+                                           allocation.channels_to_keep).to_dict()
     return PipelineResult(model, tokenizer, plan, importance, rates, allocation, report,
                           ppl_before, ppl_after, ppl_after_pruning, recovery)
 

@@ -6,6 +6,7 @@ dimensions fails loudly instead of passing by coincidence.
 
 from __future__ import annotations
 
+import json
 import string
 from typing import Literal
 
@@ -60,3 +61,52 @@ def tiny_model(q_heads: int = 6, kv_heads: int = 2, hidden: int = 48, head_dim: 
                 param.uniform_(0.8, 1.2)  # non-trivial norms catch mis-sliced inputs
     model.config._attn_implementation = "sdpa"
     return model.eval()
+
+
+TRAINING_TEXT = (
+    "The quick brown fox jumps over the lazy dog. A pruned model keeps whole groups of heads; "
+    "it's smaller, and we'll run it anywhere. Numbers: 12, 345, 6789 and 3.14. "
+    "Grüße aus Köln: naïve café, Straße. def main(): return 0\n"
+) * 4
+
+
+def tiny_bpe_tokenizer(vocab_size: int = 400, sentencepiece: bool = False):
+    """A small BPE tokenizer trained on a fixed text: deterministic, offline, fast.
+
+    ``sentencepiece=False``: byte-level BPE (GPT-2 style, as SmolLM2 / Llama-3 / Qwen2), with
+    ``<|endoftext|>``, ``<|im_start|>``, ``<|im_end|>``; no BOS added, EOS ``<|im_end|>``.
+    ``sentencepiece=True``: Llama-2 style (``▁`` for spaces, prepended once, byte fallback with
+    ``<0x00>``..``<0xFF>``), ``<unk>``, ``<s>`` (added in front), ``</s>``.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from tokenizers.trainers import BpeTrainer
+    from transformers import PreTrainedTokenizerFast
+
+    if not sentencepiece:
+        specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+        backend = Tokenizer(models.BPE())
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+        backend.train_from_iterator([TRAINING_TEXT], BpeTrainer(
+            vocab_size=vocab_size, special_tokens=specials,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+        return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|im_start|>",
+                                       eos_token="<|im_end|>", unk_token="<|endoftext|>",
+                                       pad_token="<|im_end|>")
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    trainer = Tokenizer(models.BPE())
+    trainer.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"),
+                                               normalizers.Replace(" ", "\u2581")])
+    trainer.train_from_iterator([TRAINING_TEXT], BpeTrainer(
+        vocab_size=vocab_size + len(specials), special_tokens=specials, show_progress=False))
+    spec = json.loads(trainer.to_str())["model"]
+    backend = Tokenizer(models.BPE(spec["vocab"], [tuple(m) for m in spec["merges"]],
+                                   unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    backend.normalizer = trainer.normalizer
+    backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                         decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    backend.add_special_tokens(specials[:3])
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                           special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", pad_token="</s>")

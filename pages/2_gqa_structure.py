@@ -7,6 +7,7 @@ import streamlit as st
 from gqaprune_core import app_support as support
 from gqaprune_core import jobs
 from gqaprune_core.models import layout
+from gqaprune_core.sensitivity import app_view as sensitivity_view
 from pages import _charts, _ui
 
 _ui.page_setup("GQA structure")
@@ -115,3 +116,16 @@ if scores:
                "demo corpus. Hover a cell for the raw score.")
 elif not _ui.job_running("group_scores"):
     st.info("No group scores yet: **Compute group scores** runs a few backward passes.")
+
+st.subheader("What cutting groups costs")
+st.markdown("From the **sensitivity profile**: the perplexity (x dense, on calibration windows) "
+            "when one layer alone loses its weakest GQA group, or two, everything else intact. "
+            "One group of this model is a third of a layer's attention; compare with what the "
+            "same parameters in MLP channels cost on *Layer importance*.")
+group_profile = _ui.profile_panel(loaded)
+if group_profile is not None:
+    costs = sensitivity_view.group_costs(group_profile)
+    if costs.empty:
+        st.caption("Every layer keeps a single group: there is no group left to cut.")
+    else:
+        st.plotly_chart(_charts.group_cost_figure(costs), key="group_cost_chart")

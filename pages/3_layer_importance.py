@@ -5,6 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from gqaprune_core.config import IMPORTANCE_METHODS, PRESETS
+from gqaprune_core.sensitivity import app_view as sensitivity_view
 from pages import _charts, _ui
 
 _ui.page_setup("Layer importance")
@@ -59,4 +60,17 @@ st.caption(f"{importance.method} scores on {inputs.get('samples')} windows of "
 statistics = {k: v for k, v in importance.statistics.items() if not isinstance(v, (list, dict))}
 if statistics:
     st.dataframe([statistics], hide_index=True)
+
+st.subheader("Sensitivity profile")
+st.markdown("What cutting each layer *alone* costs: the perplexity (x dense, on calibration "
+            "windows) with a share of its MLP channels removed and re-fit as a run would, "
+            "everything else intact. Rate tuning adds these up into the predicted perplexity, "
+            "and the **optimized** strategy spends the budget where it costs least.")
+profile = _ui.profile_panel(loaded)
+if profile is not None:
+    st.plotly_chart(_charts.profile_heatmap(*sensitivity_view.heatmap(profile)),
+                    key="profile_heatmap")
+    st.caption(f"{profile.mode} profile on {profile.tokens:,} scored tokens, computed in "
+               f"{profile.seconds:.0f} s (cached on disk under `cache/sensitivity/`); dense "
+               f"perplexity there {profile.base_ppl:.2f}.")
 st.page_link(_ui.TUNING_PAGE, label="Next: tune the pruning rates", icon=":material/tune:")

@@ -8,6 +8,7 @@ from gqaprune_core import app_support as support
 from gqaprune_core.config import PRESETS, STRATEGIES
 from gqaprune_core.models import layout
 from gqaprune_core.pipeline import prunable_target
+from gqaprune_core.sensitivity import app_view as sensitivity_view
 from pages import _charts, _ui
 
 _ui.page_setup("Rate tuning")
@@ -15,7 +16,9 @@ st.title("Rate tuning")
 loaded = _ui.require_model()
 STRATEGY_HELP = {"inverse": "important layers are pruned less (default)",
                  "proportional": "important layers are pruned more",
-                 "uniform": "every layer in range gets the target"}
+                 "uniform": "every layer in range gets the target",
+                 "optimized": "groups and channels per layer with the least predicted loss "
+                              "(needs the sensitivity profile; alpha and min rate unused)"}
 
 
 def importance_or_stop():
@@ -101,8 +104,21 @@ def settings_widgets(layers: int) -> dict:
             "prune_attention": prune_attention, "prune_mlp": prune_mlp}
 
 
+def prediction_metric(cell, profile, allocation) -> None:
+    """The predicted perplexity ratio with its range (or a hint without a profile)."""
+    if profile is None:
+        cell.metric("predicted perplexity", "—", "compute the sensitivity profile",
+                    delta_color="off", delta_arrow="off")
+        return
+    view = sensitivity_view.prediction_view(profile, allocation)
+    p = view.prediction
+    cell.metric("predicted perplexity", f"x{p.ratio:.2f}", f"range x{p.low:.2f}–x{p.high:.2f}",
+                delta_color="off", delta_arrow="off", help=view.summary())
+    st.session_state["prediction_ms"] = view.elapsed_ms  # measured on every redraw
+
+
 @st.fragment
-def tuner(importance) -> None:
+def tuner(importance, profile) -> None:
     """Widgets and plan; a slider move reruns only this fragment (no importance recomputed)."""
     model = loaded.model
     controls, view = st.columns([1, 2], gap="large")
@@ -114,7 +130,7 @@ def tuner(importance) -> None:
         try:
             preset = PRESETS[_ui.preset_name()]
             config = preset.with_(base_model=loaded.source, **settings)
-            preview = support.rate_preview(config, model, importance)
+            preview = support.rate_preview(config, model, importance, profile)
             end = len(preview.rates) if config.layer_end is None else config.layer_end
             target = prunable_target(config, model, range(config.layer_start, end))
         except ValueError as err:  # the library names the impossible setting
@@ -123,7 +139,7 @@ def tuner(importance) -> None:
         st.session_state["tuning"] = {loaded.key: settings}  # what the Prune page will run
         allocation = preview.allocation
         removed_total = allocation.params_removed / preview.params_total
-        cells = st.columns(3)
+        cells = st.columns(4)
         cells[0].metric("parameters after", support.human_count(preview.params_after),
                         f"−{removed_total:.1%} of all", delta_color="off", delta_arrow="off",
                         help=f"{preview.params_after:,} of {preview.params_total:,}")
@@ -133,6 +149,7 @@ def tuner(importance) -> None:
         cells[2].metric("GQA groups kept",
                         f"{sum(allocation.groups_to_keep)} / "
                         f"{sum(s.kv_heads for s in layout(model))}")
+        prediction_metric(cells[3], profile, allocation)
         if not allocation.budget_met:
             st.caption("Whole GQA groups are coarse: with attention alone the budget can be "
                        "missed by up to one group per layer.")
@@ -146,7 +163,8 @@ def tuner(importance) -> None:
             cell.metric(label, support.human_count(removed), f"{share:.1%} of removed · {units}",
                         delta_color="off", delta_arrow="off",
                         help=f"{removed:,} of the {split.total:,} parameters removed")
-        overlays = support.strategy_rates(config, model, importance) if compare else None
+        overlays = (support.strategy_rates(config, model, importance, profile) if compare
+                    else None)
         st.plotly_chart(_charts.rates_figure(preview, config, target, overlays),
                         key="rates_chart")
         st.plotly_chart(_charts.budget_split_figure(split), key="split_chart")
@@ -164,6 +182,7 @@ st.markdown(f"Scores: **{importance.method}** on {importance.inputs.get('samples
             "splits each layer's removed parameters between attention (whole GQA groups) and "
             "MLP channels.")
 preset_picker()
-tuner(importance)
+profile = _ui.profile_panel(loaded)
+tuner(importance, profile)
 st.page_link(_ui.PRUNE_PAGE, label="Next: prune with these settings",
              icon=":material/content_cut:")

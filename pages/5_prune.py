@@ -7,6 +7,7 @@ import streamlit as st
 from gqaprune_core import app_support as support
 from gqaprune_core import jobs
 from gqaprune_core.config import MODES, PRESETS, RECOVERY_METHODS, UNIT_METHODS, PruneConfig
+from gqaprune_core.sensitivity import app_view as sensitivity_view
 from pages import _charts, _ui
 
 KEEP_MODELS = 3  # pruned models kept in memory (for Export); older runs keep their report only
@@ -133,9 +134,11 @@ def run_settings() -> tuple[PruneConfig, str, int] | None:
 def start_run(config: PruneConfig, prompt: str, tokens: int) -> None:
     model, tokenizer = loaded.model, loaded.tokenizer
     scores = importance
+    profile = _ui.profile_store().get(loaded.key)  # None: computed by the run if it needs one
 
     def work(job: jobs.Job) -> support.PruneRun:
-        return support.prune_job(config, model, tokenizer, scores, prompt, tokens, job.progress)
+        return support.prune_job(config, model, tokenizer, scores, prompt, tokens, job.progress,
+                                 profile=profile)
 
     _ui.submit("prune", work)
 
@@ -177,6 +180,7 @@ def show_run(run: support.PruneRun) -> None:
             "perplexity after": st.column_config.NumberColumn(format="%.3f"),
             "delta": st.column_config.NumberColumn(format="%+.3f"),
             "delta %": st.column_config.NumberColumn(format="%+.1f %%")})
+    show_prediction(run)
     show_recovery(run)
     if run.prompt:
         st.markdown(f"**Greedy generation** from “{run.prompt}”")
@@ -189,6 +193,17 @@ def show_run(run: support.PruneRun) -> None:
     stages = " · ".join(f"{name.replace('_', ' ')} {seconds:.1f} s"
                         for name, seconds in report["timings_s"].items() if seconds >= 0.05)
     st.caption(f"{run.label}: {run.seconds:.1f} s in all ({stages})")
+
+
+def show_prediction(run: support.PruneRun) -> None:
+    table = sensitivity_view.predicted_vs_measured(run.report)
+    if table.empty:
+        return
+    st.markdown("**Predicted next to measured** (perplexity x dense after pruning; the "
+                "prediction adds up the sensitivity profile's single-layer losses)")
+    st.dataframe(table, hide_index=True, key=f"predicted_{run.number}", column_config={
+        name: st.column_config.NumberColumn(format="%.3f")
+        for name in table.columns if name != "corpus"})
 
 
 def show_recovery(run: support.PruneRun) -> None:

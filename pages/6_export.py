@@ -30,14 +30,15 @@ if run.split is not None:
     st.plotly_chart(_charts.budget_split_figure(run.split), key=f"export_split_{run.number}")
 
 st.subheader("Save the pruned model")
-if run.model is None:
+if run.model is None and run.checkpoint is None:
     st.warning("This run's model is no longer in memory (only the last few are kept); its plan "
                "and report can still be downloaded below.")
 else:
     name = st.text_input("Directory under prune_log/", support.run_directory_name(run),
                          key=f"export_name_{run.number}",
-                         help="Holds model/ (safetensors weights, config, GQA plan, tokenizer) "
-                              "and report.json, like a command-line run.")
+                         help="Holds model/ (safetensors weights, config, GQA plan, tokenizer, "
+                              "model card, SHA-256 manifest) and report.json, like a "
+                              "command-line run.")
     if st.button("Save", type="primary"):
         try:
             with st.spinner("Saving…"):
@@ -52,6 +53,29 @@ else:
         st.markdown("Reload it in Python:")
         st.code("from gqaprune_core.checkpoint import load_pruned\n"
                 f'model, tokenizer = load_pruned("{saved}/model")', language="python")
+        st.markdown(f"Without gqaprune (transformers, llama.cpp, ollama): see the model card "
+                    f"`{saved}/model/README.md`.")
+
+st.subheader("GGUF for llama.cpp / ollama")
+if run.model is not None:
+    gguf_type = st.selectbox("Out type", support.GGUF_OUT_TYPES, key=f"gguf_type_{run.number}",
+                             help="q8_0: 8-bit, close to the original; q4_k_m: llama.cpp's "
+                                  "4-bit quantizer; f16/bf16/f32: unquantized. Layers with "
+                                  "different shapes are written as llama.cpp's `deci`.")
+    if st.button("Export GGUF", key=f"gguf_export_{run.number}"):
+        try:
+            with st.spinner("Writing GGUF…"):
+                gguf_path = support.export_run_gguf(run, name, gguf_type)
+        except (ValueError, OSError) as err:
+            st.error(f"Could not export GGUF: {err}")
+        else:
+            st.session_state.setdefault("gguf_files", {})[run.number] = str(gguf_path)
+    gguf_file = st.session_state.get("gguf_files", {}).get(run.number)
+    if gguf_file:
+        st.success(f"Wrote `{gguf_file}`")
+        st.code(f"llama-cli -m {gguf_file} -cnv\n"
+                f"printf 'FROM {gguf_file}\\n' > Modelfile && ollama create pruned -f Modelfile",
+                language="bash")
 
 st.subheader("Download")
 left, right, _ = st.columns([1, 1, 3])

@@ -20,7 +20,8 @@ KV_COLOURS = qualitative.Set2 + qualitative.Pastel1  # light: black labels stay 
 MISMATCH = "#d62728"
 PLOT_FONT = {"size": 13}
 BAND = "rgba(110,110,110,0.15)"  # the [min, max] rate band
-STRATEGY_COLOURS = {"inverse": "#4c78a8", "proportional": "#f58518", "uniform": "#54a24b"}
+STRATEGY_COLOURS = {"inverse": "#4c78a8", "proportional": "#f58518", "uniform": "#54a24b",
+                    "optimized": "#e45756"}
 ATTENTION_COLOUR, MLP_COLOUR = "#d94801", "#31a354"  # as the KV-head and MLP result charts
 
 
@@ -205,3 +206,31 @@ def mlp_figure(report: dict) -> go.Figure:
                       margin={"l": 10, "r": 10, "t": 40, "b": 10})
     return fig
 
+
+
+def profile_heatmap(z: list[list[float]], x: list[str], y: list[int]) -> go.Figure:
+    """The sensitivity profile: perplexity ratio of each layer cut alone (rows) at each MLP
+    rate (columns), on a log colour scale."""
+    import math
+
+    fig = go.Figure(go.Heatmap(
+        z=[[math.log10(v) for v in row] for row in z], x=x, y=y, customdata=z,
+        colorscale="Reds", colorbar={"title": "log10(ppl x)"},
+        hovertemplate="layer %{y}, %{x} of the MLP cut<br>perplexity x%{customdata:.3f}"
+                      "<extra></extra>"))
+    fig.update_layout(xaxis_title="MLP channels removed (this layer only)", yaxis_title="layer",
+                      height=460, font=PLOT_FONT, margin={"l": 10, "r": 10, "t": 30, "b": 10})
+    return fig
+
+
+def group_cost_figure(table) -> go.Figure:
+    """Perplexity ratio when one layer alone loses its k weakest GQA groups, per layer."""
+    fig = go.Figure()
+    for removed, rows in table.groupby("groups removed"):
+        fig.add_trace(go.Bar(x=rows["layer"], y=rows["perplexity x dense"],
+                             name=f"{removed} group{'s' if removed > 1 else ''} removed",
+                             hovertemplate="layer %{x}<br>perplexity x%{y:.3f}<extra></extra>"))
+    fig.update_layout(barmode="group", xaxis_title="layer", yaxis_title="perplexity x dense "
+                      "(only this layer cut)", yaxis_type="log", height=380, font=PLOT_FONT,
+                      margin={"l": 10, "r": 10, "t": 30, "b": 10})
+    return fig

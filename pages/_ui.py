@@ -28,16 +28,18 @@ TUNING_PAGE = "pages/4_rate_tuning.py"
 PRUNE_PAGE = "pages/5_prune.py"
 EXPORT_PAGE = "pages/6_export.py"
 JOB_TITLES = {"importance": "Layer importance", "group_scores": "Group scores",
-              "prune": "Pruning"}
+              "prune": "Pruning", "sensitivity": "Sensitivity profile"}
 JOB_PAGES = {"importance": "Layer importance", "group_scores": "GQA structure",
-             "prune": "Prune & evaluate"}  # where a finished job's result is shown
+             "prune": "Prune & evaluate",
+             "sensitivity": "Rate tuning"}  # where a finished job's result is shown
 STAGES = {"starting": "starting", "copy model": "copying the model",
           "generate before": "generating (before)", "importance": "layer importance",
           "evaluate_before": "perplexity before", "prune": "scoring and cutting layers",
           "evaluate_after": "perplexity after", "generate after": "generating (after)",
           "recover": "recovery (distillation steps)",
           "evaluate_recovered": "perplexity after recovery",
-          "calibration": "calibration text", "taylor": "Taylor scores (backward passes)"}
+          "calibration": "calibration text", "taylor": "Taylor scores (backward passes)",
+          "sensitivity": "sensitivity profile (single-layer cuts)"}
 
 
 def quick() -> bool:
@@ -264,6 +266,64 @@ def collect_importance(loaded: Loaded) -> None:
 def importance_store() -> dict:
     """Layer importance results of this session, keyed by model choice."""
     return st.session_state.setdefault("importance", {})
+
+
+def profile_store() -> dict:
+    """Sensitivity profiles of this session, keyed by model choice."""
+    return st.session_state.setdefault("sensitivity", {})
+
+
+def profile_config(loaded: Loaded):
+    """The config whose profile the app computes: the session's preset on this model (tiny
+    sample counts in quick mode)."""
+    from gqaprune_core.config import PRESETS
+
+    config = PRESETS[preset_name()].with_(base_model=loaded.source)
+    if quick():
+        config = config.with_(sensitivity_samples=2, sensitivity_seq_len=16,
+                              sensitivity_fit_samples=2, seq_len=24)
+    return config
+
+
+def start_profile(loaded: Loaded) -> None:
+    """The sensitivity profile in the background (a disk-cache hit returns at once)."""
+    from gqaprune_core.sensitivity.app_view import compute_profile_for
+
+    model, tokenizer, config = loaded.model, loaded.tokenizer, profile_config(loaded)
+
+    def work(job: jobs.Job):
+        job.progress("sensitivity", 0, 1)
+        with support.SHARED_MODEL_LOCK:  # hooks on the shared model: one such job at a time
+            return compute_profile_for(config, model, tokenizer,
+                                       lambda d, t: job.progress("sensitivity", d, t))
+
+    submit("sensitivity", work)
+
+
+def collect_profile(loaded: Loaded) -> None:
+    """Store a finished profile job's result for this model (shows progress or errors)."""
+    result = finished_result("sensitivity")
+    if result is not None:
+        profile_store()[loaded.key] = result
+        st.rerun()
+
+
+def profile_panel(loaded: Loaded) -> Any:
+    """This model's sensitivity profile, or a button that computes it (and None)."""
+    collect_profile(loaded)
+    profile = profile_store().get(loaded.key)
+    if profile is not None:
+        return profile
+    config = profile_config(loaded)
+    st.info(f"No sensitivity profile yet: the loss of cutting each layer alone at 10 MLP rates "
+            f"and each number of GQA groups ({config.sensitivity_mode}, "
+            f"{config.sensitivity_samples} x {config.sensitivity_seq_len} tokens of "
+            f"{config.calibration_dataset}; minutes on a CPU, cached on disk). It gives the "
+            "predicted perplexity and the optimized strategy.")
+    if st.button("Compute sensitivity profile", disabled=job_running("sensitivity")):
+        start_profile(loaded)
+        collect_profile(loaded)
+    return None
 
 
 def head_score_store() -> dict:

@@ -266,6 +266,9 @@ def test_pruning_run_completes_shows_counts_and_exports(app, tmp_path):
     click(app, "Save")
     saved = tmp_path / "prune_log" / "from-test"
     assert (saved / "model" / "gqaprune_plan.json").is_file()
+    assert (saved / "model" / "gqaprune_manifest.json").is_file()
+    card = (saved / "model" / "README.md").read_text()  # the model card, with the perplexity
+    assert "| demo |" in card and "| pruning_ratio | `0.45` |" in card
     assert json.loads((saved / "report.json").read_text())["layers"]
     assert any("load_pruned" in c.value for c in app.code)
 
@@ -369,3 +372,53 @@ def test_importing_the_library_never_imports_streamlit():
     code = ("import sys, gqaprune_core, gqaprune_core.app_support; "
             "sys.exit('streamlit' in sys.modules or 'plotly' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], cwd=Path(APP).parent).returncode == 0
+
+
+def test_export_page_offers_gguf_and_shows_a_refusal_as_a_message(app, tmp_path):
+    open_page(app, "5_prune")
+    click(app, "Prune a copy of the model")
+    open_page(app, "6_export")
+    app.selectbox(key="gguf_type_1").set_value("f16").run()
+    click(app, "Export GGUF")  # the tiny model's character tokenizer has no GGUF form
+    assert any("Could not export GGUF" in e.value and "WordLevel" in e.value for e in app.error)
+    assert not list((tmp_path / "prune_log").rglob("*.gguf"))
+
+
+# ---- sensitivity profile, predicted perplexity, optimized strategy (issue 16) ----------------
+
+def predicted_metric(at: AppTest) -> str:
+    found = [m for m in at.metric if m.label == "predicted perplexity"]
+    assert found, [m.label for m in at.metric]
+    return found[0].value
+
+
+def test_rate_tuning_predicts_perplexity_live_and_runs_the_optimized_strategy(app):
+    open_page(app, "4_rate_tuning")
+    click(app, "Compute layer importance")
+    assert predicted_metric(app) == "—"
+    click(app, "Compute sensitivity profile")
+    first = predicted_metric(app)
+    assert first.startswith("x")
+    app.session_state["prediction_ms"] = None
+    app.slider(key="tune_ratio").set_value(0.25).run()  # more removed: no better predicted
+    assert float(predicted_metric(app)[1:]) >= float(first[1:])
+    assert app.session_state["prediction_ms"] is not None  # recomputed on the move (its speed:
+    # benchmarks/sensitivity.py, not a timed test)
+    app.segmented_control(key="tune_strategy").set_value("optimized").run()
+    assert not app.exception and not app.warning, [w.value for w in app.warning]
+    assert len(rate_bars(app)) == 3
+    open_page(app, "5_prune")
+    click(app, "Prune a copy of the model")
+    run = app.session_state["runs"][-1]
+    assert run.config.pruning_strategy == "optimized" and run.report["predicted"]["ratio"] >= 1
+    assert any("Predicted next to measured" in m.value for m in app.markdown)
+
+
+def test_profile_heatmap_and_group_costs_are_shown_once_computed(app):
+    open_page(app, "3_layer_importance")
+    click(app, "Compute layer importance")
+    click(app, "Compute sensitivity profile")
+    assert any(t["type"] == "heatmap" for spec in chart_specs(app) for t in spec["data"])
+    open_page(app, "2_gqa_structure")
+    names = {t.get("name") for spec in chart_specs(app) for t in spec["data"]}
+    assert "1 group removed" in names

@@ -199,6 +199,43 @@ def test_rejected_flag_value_exits_2(tmp_path, capsys):
     assert "sideways" in err and list(tmp_path.iterdir()) == []
 
 
+def test_bad_shard_size_exits_2(tmp_path, capsys):
+    code = cli.main([*FAST, "--max_shard_size", "5 parsecs", "--output_dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert_one_line_failure(code, err, status=2)
+    assert "5 parsecs" in err and list(tmp_path.iterdir()) == []
+
+
+def test_saved_model_has_card_and_manifest(tiny_run):
+    model_dir = tiny_run.paths.model
+    card = (model_dir / "README.md").read_text()
+    assert "python -m gqaprune_core " in card and "--save_ckpt_log_name stage1" in card
+    assert "| demo |" in card and "| pydoc |" in card  # perplexities from the report
+    assert "trust_remote_code=True" in card  # the tiny run's layers differ
+    assert (model_dir / "gqaprune_manifest.json").is_file()
+
+
+def test_uniform_attention_run_saves_a_plain_sharded_model(tmp_path):
+    """The README's uniform recipe: attention only, uniform rates, per-layer rounding. A staging
+    folder left by a killed save to the same place is removed by this --overwrite run."""
+    from gqaprune_core.export.staging import OWNER_NAME, owner_record
+
+    stale = tmp_path / "uniform" / ".model.saving-0badf00d"
+    stale.mkdir(parents=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    (stale / OWNER_NAME).write_text(json.dumps(owner_record() | {"pid": int(dead.stdout)}))
+    run = cli.execute([*FAST, "--pruning_strategy", "uniform", "--group_rounding", "per_layer",
+                       "--pruning_ratio", "0.5", "--save_model", "--max_shard_size", "20KB",
+                       "--output_dir", str(tmp_path), "--save_ckpt_log_name", "uniform",
+                       "--overwrite"])
+    assert not stale.exists()
+    config = json.loads((run.paths.model / "config.json").read_text())
+    assert config["model_type"] == "llama" and "auto_map" not in config
+    assert (run.paths.model / "model.safetensors.index.json").is_file()
+    assert len({(s.q_heads, s.kv_heads, s.mlp_width) for s in layout(run.result.model)}) == 1
+
+
 def test_failure_mid_run_leaves_failed_txt_not_a_report(tmp_path, monkeypatch, capsys):
     def explode(*args, **kwargs):
         raise ValueError("surgery refused: layer 1 says no")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,6 +32,31 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # "5GB" in save_pretrained's sense
 
 class ShardError(ValueError):
     """A weights folder whose files or index are missing, unreadable or inconsistent."""
+
+
+SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+              "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(size: str | int) -> int:
+    """Bytes from ``"5GB"``, ``"200MB"``, ``"1.5GiB"`` or an int (GB = 10**9, GiB = 2**30, as
+    ``save_pretrained``'s ``max_shard_size``).
+
+    Raises:
+        ValueError: not a positive size with one of :data:`SIZE_UNITS`.
+    """
+    if isinstance(size, int) and not isinstance(size, bool):
+        value = size
+    else:
+        match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([A-Za-z]*)\s*", str(size))
+        unit = match.group(2).lower() if match else None
+        if unit not in SIZE_UNITS:
+            raise ValueError(f"shard size {size!r} is not a size such as '5GB', '200MB' or "
+                             f"'1GiB' (units: {', '.join(u.upper() for u in SIZE_UNITS if u)})")
+        value = int(float(match.group(1)) * SIZE_UNITS[unit])
+    if value < 1:
+        raise ValueError(f"shard size {size!r} must be at least 1 byte")
+    return value
 
 
 def shard_name(number: int, count: int) -> str:

@@ -1,0 +1,233 @@
+"""Sensitivity profiles and the predictor on the demo model: cost, proxy accuracy, prediction.
+
+    python benchmarks/sensitivity.py profile --threads 1          # both modes, cost + accuracy
+    python benchmarks/sensitivity.py predict --threads 1          # >= 10 schedules, measured
+    python benchmarks/sensitivity.py select --threads 1           # optimized vs heuristic (held out)
+
+``profile`` computes the anchored and the exact profile of the default preset's calibration
+(fresh, not from the cache: ``use_cache=False``, then stored in the cache for later steps) and
+compares every grid point of the anchored proxy with the exact measurement (Spearman, median
+relative error). ``predict`` prunes the demo model with >= 10 varied schedules (strategies,
+ratios, attention on/off, the optimized one) and compares the predicted perplexity ratio with
+the ratio measured on held-out validation windows of the calibration parts (the ``sel-``
+corpora of select_default.py; never the evaluation parts). ``select`` compares the
+``optimized`` strategy with the current default on the same validation windows, fitted on the
+70 % share (never on evaluation text). Results: ``benchmarks/results/sensitivity*.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent)]
+
+from common import RESULTS_DIR, Timer, header, log, read_json, set_threads, write_json  # noqa: E402
+from gqaprune_core.config import PRESETS  # noqa: E402
+from gqaprune_core.models import load_model  # noqa: E402
+from gqaprune_core.sensitivity.profile import ProfileSettings  # noqa: E402
+from gqaprune_core.sensitivity.store import sensitivity_profile  # noqa: E402
+
+
+def spearman(xs: list[float], ys: list[float]) -> float:
+    """Spearman rank correlation (average ranks for ties)."""
+    def ranks(values: list[float]) -> list[float]:
+        order = sorted(range(len(values)), key=lambda i: values[i])
+        result = [0.0] * len(values)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                result[order[k]] = (i + j) / 2
+            i = j + 1
+        return result
+
+    rx, ry = ranks(xs), ranks(ys)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    var = math.sqrt(sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry))
+    return cov / var if var else float("nan")
+
+
+SEL_FIT = "sel-demo+sel-pydoc+sel-wiki"  # the 70 % fit share of the three calibration parts
+
+
+def held_out_setup(args):
+    """The demo model, the held-out validation windows (the 30 % of each calibration part that
+    nothing is fitted on, and the never-fitted license texts), their dense perplexities, and
+    the base configs fitted on the 70 % share."""
+    from select_default import demo_and_held_out_windows
+    from gqaprune_core.evaluate import perplexity
+
+    model, tokenizer, windows = demo_and_held_out_windows(args.windows, 512)
+    dense = {n: perplexity(model, w, corpus=n).value for n, w in windows.items()}
+    heuristic = PRESETS["default"].with_(calibration_dataset=SEL_FIT, num_examples=args.examples,
+                                         eval_datasets=())
+    optimized = heuristic.with_(pruning_strategy="optimized", prune_attention=True,
+                                max_pruning_rate=0.9)
+    return model, tokenizer, windows, dense, heuristic, optimized
+
+
+def exact_layers(model, tokenizer, config, layers: list[int]) -> dict:
+    """Exact losses of every grid point of ``layers`` (the anchored profile's check)."""
+    from gqaprune_core.models import decoder_layers, layout
+    from gqaprune_core.sensitivity.profile import (_saliency, fit_grams, held_out_pass,
+                                                   layer_cuts, measure_cut)
+    from gqaprune_core.sensitivity.store import profile_windows
+
+    settings = ProfileSettings.from_config(config)
+    fit, ids = profile_windows(tokenizer, settings)
+    saliency = _saliency(model, settings, fit)
+    grams = fit_grams(model, fit)
+    held = held_out_pass(model, ids)
+    shapes = layout(model)
+    out = {}
+    for layer in layers:
+        cuts = layer_cuts(shapes[layer], decoder_layers(model)[layer], grams[layer], held,
+                          settings, saliency[layer])
+        out[layer] = {f"{c.part}:{c.step}": measure_cut(model, held, c)[0] for c in cuts}
+        log(f"exact layer {layer}: {out[layer]}")
+    return out
+
+
+def compare_proxy(profile, exact: dict) -> dict:
+    pairs = []
+    for layer, values in exact.items():
+        for key, truth in values.items():
+            if key in profile.measured[layer]:
+                continue
+            part, step = key.split(":")
+            table = profile.mlp_loss if part == "mlp" else profile.group_loss
+            pairs.append((table[layer][int(step)], truth))
+    proxy, truth = [p for p, _ in pairs], [t for _, t in pairs]
+    relative = sorted(abs(p - t) / max(abs(t), 1e-3) for p, t in pairs)
+    return {"points": len(pairs), "spearman": round(spearman(proxy, truth), 4),
+            "median_relative_error": round(relative[len(relative) // 2], 4),
+            "p90_relative_error": round(relative[int(0.9 * len(relative))], 4),
+            "sum_proxy": round(sum(proxy), 4), "sum_exact": round(sum(truth), 4)}
+
+
+def schedules(heuristic, optimized) -> dict:
+    """name -> config: >= 10 varied schedules (strategy, ratio, parts, alpha)."""
+    out = {}
+    for ratio in (0.1, 0.2, 0.3):
+        out[f"heuristic@{ratio}"] = heuristic.with_(pruning_ratio=ratio)
+        out[f"optimized@{ratio}"] = optimized.with_(pruning_ratio=ratio)
+    out["optimized-mlp-only@0.2"] = optimized.with_(pruning_ratio=0.2, prune_attention=False)
+    out["uniform@0.2"] = heuristic.with_(pruning_ratio=0.2, pruning_strategy="uniform")
+    out["proportional@0.2"] = heuristic.with_(pruning_ratio=0.2, pruning_strategy="proportional")
+    out["heuristic+groups@0.2"] = heuristic.with_(pruning_ratio=0.2, prune_attention=True,
+                                                  group_rounding="across")
+    out["inverse-alpha1@0.3"] = heuristic.with_(pruning_ratio=0.3, alpha=1.0)
+    out["uniform@0.1"] = heuristic.with_(pruning_ratio=0.1, pruning_strategy="uniform")
+    return out
+
+
+def run_measure(args) -> dict:
+    """Profile (timed), proxy check, then every schedule pruned and measured held out."""
+    import time as _time
+
+    from select_default import validate
+    from gqaprune_core.pipeline import profile_for, run_pipeline
+    from gqaprune_core.sensitivity.optimize import optimize_units
+    from gqaprune_core.sensitivity.predict import predict_kept
+
+    model, tokenizer, windows, dense, heuristic, optimized = held_out_setup(args)
+    out = read_json(args.out) or (header() | {"results": {}})
+    out["dense"] = dense
+    with Timer() as clock:
+        profile = profile_for(optimized, model, tokenizer, lambda stage, done, total: log(
+            f"{stage} {done}/{total}") if done % 10 == 0 or done == total else None)
+    out["profile"] = {"settings": ProfileSettings.from_config(optimized).to_dict(),
+                      "computed_s": round(profile.seconds, 1), "fetch_s": round(clock.seconds, 1),
+                      "base_ppl": round(profile.base_ppl, 3), "tokens": profile.tokens,
+                      "mlp_loss": profile.mlp_loss, "group_loss": profile.group_loss}
+    log(f"profile: {profile.seconds:.0f} s to compute")
+    write_json(args.out, out)
+    if args.exact_layers and "proxy" not in out:
+        layers = [int(x) for x in args.exact_layers.split(",")]
+        with Timer() as clock:
+            exact = exact_layers(model, tokenizer, optimized, layers)
+        out["proxy"] = compare_proxy(profile, exact) | {"layers": layers,
+                                                         "seconds": round(clock.seconds, 1),
+                                                         "exact": exact}
+        log(f"proxy: {out['proxy']}")
+        write_json(args.out, out)
+    for name, config in schedules(heuristic, optimized).items():
+        if name in out["results"] or (args.only and name not in args.only.split(",")):
+            continue
+        with Timer() as clock:
+            result = run_pipeline(config, model, tokenizer, evaluate=False, profile=profile)
+        entry = {"predicted": result.report["predicted"], "prune_s": round(clock.seconds, 1),
+                 "groups_kept": list(result.allocation.groups_to_keep),
+                 "channels_kept": list(result.allocation.channels_to_keep),
+                 "ratio_achieved_total": round(result.report["ratio_achieved_total"], 5),
+                 **validate(result.model, windows, dense)}
+        seen = [entry["ratio"][n] for n in ("sel-demo", "sel-pydoc", "sel-wiki")]
+        entry["geo_mean_fitted_kinds"] = round(math.exp(sum(map(math.log, seen)) / 3), 4)
+        out["results"][name] = entry
+        write_json(args.out, out)
+        log(f"{name}: predicted {entry['predicted']['ratio']:.3f} "
+            f"[{entry['predicted']['low']:.3f}, {entry['predicted']['high']:.3f}], measured "
+            f"{entry['geo_mean_fitted_kinds']:.3f} (all {entry['geo_mean']:.3f}) {entry['ratio']}")
+        del result
+    out["accuracy"] = accuracy(out["results"])
+    start = _time.perf_counter()
+    shapes_costs = _shapes_costs(model)
+    for _ in range(20):
+        predict_kept(profile, [3] * profile.layers, [1000] * profile.layers)
+    out["predict_ms"] = round((_time.perf_counter() - start) / 20 * 1000, 3)
+    with Timer() as clock:
+        optimize_units(profile, *shapes_costs, 0.2 * sum(c.mlp + c.attention
+                                                        for c in shapes_costs[1]),
+                       range(profile.layers), channel_multiple=8)
+    out["optimize_ms"] = round(clock.seconds * 1000, 1)
+    write_json(args.out, out)
+    return out
+
+
+def _shapes_costs(model):
+    from gqaprune_core.models import layout
+    from gqaprune_core.schedule import unit_costs
+    return layout(model), unit_costs(model)
+
+
+def accuracy(results: dict) -> dict:
+    """Predicted vs measured ratio (geo-mean over the three fitted kinds of text)."""
+    names = sorted(results)
+    predicted = [results[n]["predicted"]["ratio"] for n in names]
+    measured = [results[n]["geo_mean_fitted_kinds"] for n in names]
+    relative = [abs(p - m) / m for p, m in zip(predicted, measured)]
+    log_ratio = [math.log(m) / math.log(p) for p, m in zip(predicted, measured) if p > 1.0001]
+    inside = sum(results[n]["predicted"]["low"] <= m <= results[n]["predicted"]["high"]
+                 for n, m in zip(names, measured))
+    return {"schedules": len(names), "spearman": round(spearman(predicted, measured), 4),
+            "mean_relative_error": round(sum(relative) / len(relative), 4),
+            "max_relative_error": round(max(relative), 4),
+            "measured_log_over_predicted_log": [round(x, 3) for x in log_ratio],
+            "inside_interval": inside}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("step", choices=("measure",))
+    parser.add_argument("--windows", type=int, default=4, help="validation windows per corpus")
+    parser.add_argument("--examples", type=int, default=32, help="calibration windows of a prune")
+    parser.add_argument("--exact-layers", default="0,7,14,21,29",
+                        help="layers measured exactly to check the anchored proxy")
+    parser.add_argument("--only", help="comma-separated schedule names")
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    set_threads(args.threads)
+    args.out = args.out or RESULTS_DIR / f"sensitivity_{args.step}.json"
+    return run_measure(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""Plain values the app's pages show from a sensitivity profile (no streamlit here).
+
+Rate tuning calls :func:`prediction_view` on every slider move (it must stay well under the
+~100 ms a redraw may take: it is list arithmetic, timed in ``elapsed_ms``); Layer importance
+shows :func:`heatmap` (layer x MLP rate); the GQA page shows :func:`group_costs`; Prune &
+evaluate shows the report's ``predicted`` entry next to the measured perplexity
+(:func:`predicted_vs_measured`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pandas as pd
+from torch import nn
+
+from gqaprune_core.schedule import UnitAllocation
+from gqaprune_core.sensitivity.predict import Prediction, monotone, predict_kept
+from gqaprune_core.sensitivity.profile import ProfileSettings, SensitivityProfile
+from gqaprune_core.sensitivity.store import sensitivity_profile
+
+
+@dataclass(frozen=True)
+class PredictionView:
+    """What Rate tuning shows: the prediction, the perplexity it implies on the profile's own
+    calibration windows, and how long it took (ms)."""
+
+    prediction: Prediction
+    dense_ppl: float
+    elapsed_ms: float
+
+    @property
+    def ppl(self) -> tuple[float, float, float]:
+        return self.prediction.ppl(self.dense_ppl)
+
+    def summary(self) -> str:
+        p = self.prediction
+        value, low, high = self.ppl
+        return (f"x{p.ratio:.2f} the dense perplexity (range x{p.low:.2f}-x{p.high:.2f}): "
+                f"{value:.1f} [{low:.1f}, {high:.1f}] on the profile's calibration windows "
+                f"(dense {self.dense_ppl:.1f})")
+
+
+def prediction_view(profile: SensitivityProfile, allocation: UnitAllocation) -> PredictionView:
+    """The predicted perplexity of an allocation (raises ValueError on other layer shapes)."""
+    start = time.perf_counter()
+    prediction = predict_kept(profile, allocation.groups_to_keep, allocation.channels_to_keep)
+    return PredictionView(prediction, profile.base_ppl, (time.perf_counter() - start) * 1000)
+
+
+def compute_profile_for(config, model: nn.Module, tokenizer,
+                        progress: Callable[[int, int], None] | None = None
+                        ) -> SensitivityProfile:
+    """The profile a run of ``config`` would use (disk cache shared with the CLI)."""
+    return sensitivity_profile(model, tokenizer, ProfileSettings.from_config(config),
+                               model_id=config.base_model, progress=progress)
+
+
+def heatmap(profile: SensitivityProfile) -> tuple[list[list[float]], list[str], list[int]]:
+    """``(z, x, y)``: perplexity ratio ``exp(loss)`` of each layer (rows, y) cut alone at each
+    MLP rate of the grid (columns, x labels in %), the curves made monotone as the predictor
+    uses them."""
+    z = [[math.exp(v) for v in monotone(row)] for row in profile.mlp_loss]
+    return z, [f"{round(100 * r)} %" for r in profile.mlp_rates], list(range(profile.layers))
+
+
+def group_costs(profile: SensitivityProfile) -> pd.DataFrame:
+    """Per layer, the perplexity ratio when only that layer loses its k weakest GQA groups
+    (k = 1 .. G-1), as the predictor uses them."""
+    rows = []
+    for layer, losses in enumerate(profile.group_loss):
+        curve = monotone(losses)
+        for removed in range(1, len(curve)):
+            rows.append({"layer": layer, "groups removed": removed,
+                         "perplexity x dense": math.exp(curve[removed]),
+                         "loss increase (nats/token)": curve[removed]})
+    return pd.DataFrame(rows)
+
+
+def predicted_vs_measured(report: dict) -> pd.DataFrame:
+    """One row per evaluated corpus: measured perplexity ratio after pruning and the
+    predicted one with its range (empty without a prediction in the report)."""
+    predicted = report.get("predicted")
+    if not predicted:
+        return pd.DataFrame()
+    rows = []
+    for corpus, after in report.get("ppl_after_pruning", {}).items():
+        before = report["ppl_before"].get(corpus)
+        if before:
+            rows.append({"corpus": corpus, "measured x dense": after["value"] / before["value"],
+                         "predicted x dense": predicted["ratio"],
+                         "predicted low": predicted["low"], "predicted high": predicted["high"]})
+    if not rows:
+        rows.append({"corpus": "(not evaluated)", "measured x dense": float("nan"),
+                     "predicted x dense": predicted["ratio"], "predicted low": predicted["low"],
+                     "predicted high": predicted["high"]})
+    return pd.DataFrame(rows)

@@ -1,0 +1,127 @@
+"""A whole schedule's loss from the sensitivity profile: additive in the layers.
+
+Notation: L layers, G KV groups, I MLP width. For a schedule that removes ``g_l`` groups and
+``c_l`` MLP channels of layer l::
+
+    Δ_l   = group_loss[l][g_l] + mlp_curve_l(c_l / I_l)        (nats per token)
+    Σ     = Σ_l Δ_l
+    ratio = exp(Σ)                        predicted perplexity / dense perplexity
+    σ²    = Σ_l (σ_group² + σ_mlp²) + (MODEL_ERROR · Σ)²
+
+``mlp_curve_l`` interpolates the profile's grid linearly, made non-decreasing and non-negative
+(removing more channels never helps in expectation; small negative measurements are noise).
+The first term of σ² is the sampling error of the profile windows; the second the error of the
+additive model itself, a constant measured by ``benchmarks/sensitivity.py predict`` (single-
+layer losses do not simply add when many layers are cut). The interval is
+``exp(Σ ∓ Z · σ)``. Everything here is plain arithmetic on lists: a prediction takes well
+under a millisecond (the app's sliders call it on every change).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from gqaprune_core.sensitivity.profile import SensitivityProfile
+
+# Relative error of the additive sum (a 1-sigma band), from benchmarks/sensitivity.py predict.
+MODEL_ERROR = 0.25
+Z = 1.0  # the interval is +- one sigma
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """A schedule's predicted loss increase ``loss_increase`` (Σ, nats per token) with its
+    standard deviation ``sigma``, the predicted perplexity ratio to dense ``ratio = exp(Σ)`` and
+    its interval ``[low, high]``; ``per_layer``: the L terms Δ_l."""
+
+    loss_increase: float
+    sigma: float
+    ratio: float
+    low: float
+    high: float
+    per_layer: tuple[float, ...]
+
+    def ppl(self, dense_ppl: float) -> tuple[float, float, float]:
+        """``(predicted, low, high)`` perplexity given the dense model's on some text."""
+        return dense_ppl * self.ratio, dense_ppl * self.low, dense_ppl * self.high
+
+    def to_dict(self) -> dict:
+        return {"loss_increase": round(self.loss_increase, 6), "sigma": round(self.sigma, 6),
+                "ratio": round(self.ratio, 4), "low": round(self.low, 4),
+                "high": round(self.high, 4)}
+
+
+def monotone(values: Sequence[float]) -> list[float]:
+    """``values`` clipped at 0 and made non-decreasing (running maximum)."""
+    out, top = [], 0.0
+    for value in values:
+        top = max(top, value)
+        out.append(top)
+    return out
+
+
+def _interpolate(grid: Sequence[float], values: Sequence[float], x: float) -> float:
+    """Linear interpolation on an increasing grid; beyond its end, the last segment's slope."""
+    if x <= grid[0]:
+        return values[0]
+    for i in range(1, len(grid)):
+        if x <= grid[i] or i == len(grid) - 1:
+            span = grid[i] - grid[i - 1]
+            return values[i - 1] + (values[i] - values[i - 1]) * (x - grid[i - 1]) / span
+    return values[-1]
+
+
+def mlp_loss(profile: SensitivityProfile, layer: int, channels_removed: int
+             ) -> tuple[float, float]:
+    """``(loss, sigma)`` of removing ``channels_removed`` MLP channels of ``layer``."""
+    width = profile.mlp_widths[layer]
+    if not 0 <= channels_removed < width:
+        raise ValueError(f"layer {layer}: cannot remove {channels_removed} of {width} channels")
+    if channels_removed == 0:
+        return 0.0, 0.0
+    rate = channels_removed / width
+    loss = _interpolate(profile.mlp_rates, monotone(profile.mlp_loss[layer]), rate)
+    sigma = _interpolate(profile.mlp_rates, [abs(s) for s in profile.mlp_sigma[layer]], rate)
+    return loss, sigma
+
+
+def group_loss(profile: SensitivityProfile, layer: int, groups_removed: int
+               ) -> tuple[float, float]:
+    """``(loss, sigma)`` of removing ``groups_removed`` whole GQA groups of ``layer``."""
+    groups = profile.kv_heads[layer]
+    if not 0 <= groups_removed < groups:
+        raise ValueError(f"layer {layer}: cannot remove {groups_removed} of {groups} groups "
+                         "(a layer keeps at least one)")
+    curve = monotone(profile.group_loss[layer])
+    return curve[groups_removed], abs(profile.group_sigma[layer][groups_removed])
+
+
+def predict(profile: SensitivityProfile, groups_removed: Sequence[int],
+            channels_removed: Sequence[int]) -> Prediction:
+    """The prediction for a schedule given as L group and L channel counts removed.
+
+    Raises:
+        ValueError: counts of the wrong length or outside a layer's units.
+    """
+    if not len(groups_removed) == len(channels_removed) == profile.layers:
+        raise ValueError(f"need {profile.layers} group and channel counts, got "
+                         f"{len(groups_removed)} and {len(channels_removed)}")
+    terms, variance = [], 0.0
+    for layer, (groups, channels) in enumerate(zip(groups_removed, channels_removed)):
+        g_loss, g_sigma = group_loss(profile, layer, groups)
+        m_loss, m_sigma = mlp_loss(profile, layer, channels)
+        terms.append(g_loss + m_loss)
+        variance += g_sigma ** 2 + m_sigma ** 2
+    total = sum(terms)
+    sigma = math.sqrt(variance + (MODEL_ERROR * total) ** 2)
+    return Prediction(total, sigma, math.exp(total), math.exp(total - Z * sigma),
+                      math.exp(total + Z * sigma), tuple(terms))
+
+
+def predict_kept(profile: SensitivityProfile, groups_to_keep: Sequence[int],
+                 channels_to_keep: Sequence[int]) -> Prediction:
+    """:func:`predict` for counts KEPT per layer (as in a UnitAllocation)."""
+    return predict(profile, [g - k for g, k in zip(profile.kv_heads, groups_to_keep)],
+                   [w - k for w, k in zip(profile.mlp_widths, channels_to_keep)])

@@ -1,0 +1,426 @@
+"""Sensitivity profile: per layer and part, the loss increase when ONLY that layer is cut.
+
+Notation: L layers, G KV groups, D head_dim, I MLP width, E hidden size, R MLP grid rates,
+B profile windows of T tokens.
+
+For every layer l the profile holds (mean next-token NLL increase, nats per token, on the
+profile windows):
+
+- ``mlp_loss[l][r]``: layer l loses ``round(MLP_RATES[r] * I)`` MLP channels, chosen and
+  compensated as the pipeline does (``compensate``: output energy and the ridge re-fit of
+  ``down_proj`` toward the original weights, see :mod:`gqaprune_core.compensate`; otherwise the
+  unit-importance channel scores and no re-fit);
+- ``group_loss[l][k]``: layer l loses its k lowest-scoring whole GQA groups (k = 0..G-1) by
+  the configured unit scores.
+
+How, forward-only (Taylor unit scores add one backward pass over a few windows):
+
+1. a pass over the *fit* windows (the calibration corpus and seed the pipeline uses) collects
+   per layer the Gram matrix ``hᵀh`` (I x I) of the MLP activations: channel choice and re-fit;
+2. one pass over the *profile* windows (other windows of the same calibration part, seed +
+   :data:`PROFILE_SEED_OFFSET`) records every layer's input, the per-window base NLL, and the
+   Grams of the MLP activations and of ``o_proj``'s input on that text;
+3. a cut is applied to a copy of layer l, and the recorded input of layer l runs through the
+   copy and layers l+1..L-1 only (layers before l are never recomputed): the measured loss.
+
+``mode="exact"`` does step 3 at every grid point. ``mode="anchored"`` (default, about 5x
+cheaper) does it at one anchor per layer and part (:data:`ANCHOR_MLP_RATE`, one group) and
+reads every other point as ``c * err``, where ``err = mean_t ||Δy_t||²`` is the change of the
+layer's output (closed form from the held-out Grams, no forward pass) and ``c`` the anchor's
+measured loss over its ``err``. ``benchmarks/sensitivity.py`` measures this proxy against exact.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from gqaprune_core.compensate import channel_energy, refit_down
+from gqaprune_core.evaluate import nll_from_hidden
+from gqaprune_core.geometry import group_indices
+from gqaprune_core.layer_importance import _record_calls  # the shared prefix-reuse machinery
+from gqaprune_core.models import LayerLayout, decoder_layers, layout
+from gqaprune_core.plan import LayerPlan, top_k
+from gqaprune_core.surgery import cut_layer_
+from gqaprune_core.unit_importance import (LayerSaliency, channel_scores, group_scores,
+                                           layer_saliency)
+
+Mode = Literal["exact", "anchored"]
+MODES: tuple[str, ...] = ("exact", "anchored")
+MLP_RATES: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(10))  # 0 .. 0.9
+ANCHOR_MLP_RATE = 0.5
+PROFILE_SEED_OFFSET = 7919  # profile windows are drawn apart from the pipeline's calibration
+SCORE_WINDOWS = 8  # fit windows used for Taylor/activation unit scores
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class ProfileSettings:
+    """What determines a profile (besides the model). ``from_config`` mirrors a PruneConfig."""
+
+    corpus: str = "demo"
+    fit_samples: int = 32
+    fit_seq_len: int = 256
+    samples: int = 8
+    seq_len: int = 128
+    seed: int = 0
+    unit_importance: str = "taylor"
+    compensate: bool = True
+    refit_ridge: float = 0.1
+    mode: Mode = "anchored"
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"sensitivity mode={self.mode!r}; choose one of {', '.join(MODES)}")
+        if self.unit_importance == "naive-heads":
+            raise ValueError("the sensitivity profile models whole GQA groups; unit_importance "
+                             "'naive-heads' (the anti-example) has no profile: use taylor")
+        for name in ("fit_samples", "samples"):
+            if getattr(self, name) < 2:
+                raise ValueError(f"sensitivity {name}={getattr(self, name)} must be >= 2 "
+                                 "(the uncertainty needs at least two windows)")
+        for name in ("fit_seq_len", "seq_len"):
+            if getattr(self, name) < 2:
+                raise ValueError(f"sensitivity {name}={getattr(self, name)} must be >= 2")
+
+    @classmethod
+    def from_config(cls, config: Any) -> ProfileSettings:
+        """The settings a :class:`gqaprune_core.config.PruneConfig` implies."""
+        return cls(corpus=config.calibration_dataset, fit_samples=config.sensitivity_fit_samples,
+                   fit_seq_len=config.seq_len, samples=config.sensitivity_samples,
+                   seq_len=config.sensitivity_seq_len, seed=config.seed,
+                   unit_importance=config.unit_importance, compensate=config.compensate,
+                   refit_ridge=config.refit_ridge, mode=config.sensitivity_mode)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class SensitivityProfile:
+    """Per-layer loss increases (nats per token) of single-layer cuts; see the module docstring.
+
+    Shapes: ``mlp_loss``/``mlp_sigma``/``mlp_error`` (L, R) over :attr:`mlp_rates`;
+    ``group_loss``/``group_sigma``/``group_error`` (L, G_l) over k = 0..G_l-1 groups removed.
+    ``*_sigma``: standard error of the mean over the B windows (paired with the dense model).
+    ``*_error``: the local output change ``mean_t ||Δy_t||²`` on the profile windows.
+    ``measured``: per layer, the grid points measured by a forward pass, as ``"mlp:r"`` /
+    ``"group:k"`` (all of them in exact mode, the anchors in anchored mode).
+    """
+
+    mlp_rates: tuple[float, ...]
+    mlp_loss: tuple[tuple[float, ...], ...]
+    mlp_sigma: tuple[tuple[float, ...], ...]
+    group_loss: tuple[tuple[float, ...], ...]
+    group_sigma: tuple[tuple[float, ...], ...]
+    mlp_widths: tuple[int, ...]
+    kv_heads: tuple[int, ...]
+    base_loss: float
+    tokens: int
+    mode: str
+    mlp_error: tuple[tuple[float, ...], ...] = ()
+    group_error: tuple[tuple[float, ...], ...] = ()
+    measured: tuple[tuple[str, ...], ...] = ()
+    inputs: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def layers(self) -> int:
+        return len(self.mlp_widths)
+
+    @property
+    def base_ppl(self) -> float:
+        return math.exp(self.base_loss)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> SensitivityProfile:
+        def table(key: str) -> tuple[tuple, ...]:
+            return tuple(tuple(row) for row in data.get(key, ()))
+
+        return cls(tuple(float(r) for r in data["mlp_rates"]), table("mlp_loss"),
+                   table("mlp_sigma"), table("group_loss"), table("group_sigma"),
+                   tuple(int(w) for w in data["mlp_widths"]),
+                   tuple(int(g) for g in data["kv_heads"]), float(data["base_loss"]),
+                   int(data["tokens"]), str(data["mode"]), table("mlp_error"),
+                   table("group_error"), table("measured"), dict(data.get("inputs") or {}),
+                   float(data.get("seconds", 0.0)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Gram matrices from hooks
+
+
+def _mlp_activations(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(N, I) float32 intermediate activations ``act(gate(x)) * up(x)``."""
+    h = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
+    return h.reshape(-1, h.shape[-1]).float()
+
+
+def _gram_hooks(model: nn.Module, mlp_grams: dict, attn_grams: dict | None,
+                dtype: torch.dtype) -> list:
+    """Pre-hooks adding ``hᵀh`` of every MLP's activations (and of every o_proj's input) to
+    the given dicts (layer -> Gram, float32 products summed in ``dtype``)."""
+    handles = []
+
+    def add(store: dict, index: int, rows: torch.Tensor) -> None:
+        gram = (rows.T @ rows).to(dtype)
+        store[index] = gram if index not in store else store[index] + gram
+
+    for index, layer in enumerate(decoder_layers(model)):
+        handles.append(layer.mlp.register_forward_pre_hook(
+            lambda module, args, i=index: add(mlp_grams, i, _mlp_activations(module, args[0]))))
+        if attn_grams is not None:
+            handles.append(layer.self_attn.o_proj.register_forward_pre_hook(
+                lambda module, args, i=index: add(
+                    attn_grams, i, args[0].reshape(-1, args[0].shape[-1]).float())))
+    return handles
+
+
+@torch.no_grad()
+def fit_grams(model: nn.Module, windows: torch.Tensor, batch_size: int = 8
+              ) -> dict[int, torch.Tensor]:
+    """Per layer the (I, I) float64 Gram of the dense model's MLP activations on ``windows``
+    (N, T), in batches of ``batch_size`` windows (decoder only, no LM head)."""
+    grams: dict[int, torch.Tensor] = {}
+    handles = _gram_hooks(model, grams, None, torch.float64)
+    device = next(model.parameters()).device
+    try:
+        for batch in windows.split(batch_size):
+            model.model(batch.to(device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return grams
+
+
+@dataclass
+class HeldOut:
+    """The profile windows' pass: every layer's recorded call, base NLL per window (B,), and
+    per layer the float32 Grams of MLP activations (I, I) and o_proj input (H*D, H*D)."""
+
+    ids: torch.Tensor
+    calls: list
+    base_rows: torch.Tensor
+    mlp_grams: dict[int, torch.Tensor]
+    attn_grams: dict[int, torch.Tensor]
+
+    @property
+    def positions(self) -> int:
+        return self.ids.shape[0] * (self.ids.shape[1] - 1)
+
+
+@torch.no_grad()
+def held_out_pass(model: nn.Module, ids: torch.Tensor) -> HeldOut:
+    """Record the profile windows ``ids`` (B, T) through the dense model (see :class:`HeldOut`)."""
+    mlp_grams: dict[int, torch.Tensor] = {}
+    attn_grams: dict[int, torch.Tensor] = {}
+    handles = _gram_hooks(model, mlp_grams, attn_grams, torch.float32)
+    ids = ids.to(next(model.parameters()).device)
+    try:
+        calls, final = _record_calls(model, ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    base = nll_from_hidden(model, final, ids, normalized=True)
+    return HeldOut(ids, calls, base, mlp_grams, attn_grams)
+
+
+# ---------------------------------------------------------------------------------------------
+# cuts of one layer
+
+
+@dataclass(frozen=True, eq=False)
+class LayerCut:
+    """One grid point of one layer: what it keeps, a re-fit down_proj (E, K) if any, and the
+    local output change on the profile windows."""
+
+    part: str  # "mlp" or "group"
+    step: int  # grid index r, or groups removed k
+    plan: LayerPlan
+    down: torch.Tensor | None
+    error: float
+
+
+def _mlp_cut(shape: LayerLayout, layer: nn.Module, step: int, keep: int, fit_gram: torch.Tensor,
+             held_gram: torch.Tensor, positions: int, settings: ProfileSettings,
+             saliency: LayerSaliency | None) -> LayerCut:
+    weight = layer.mlp.down_proj.weight.detach()
+    if settings.compensate:
+        kept = top_k(channel_energy(fit_gram, weight), keep)
+        down = refit_down(fit_gram, weight, kept, settings.refit_ridge)
+    else:
+        kept, down = top_k(channel_scores(saliency), keep), None
+    new = torch.zeros_like(weight, dtype=torch.float32)
+    index = torch.as_tensor(kept, dtype=torch.long)
+    new[:, index] = (weight[:, index] if down is None else down).float()
+    delta = weight.float() - new  # (E, I): the output change is h @ deltaᵀ
+    error = float(((delta @ held_gram) * delta).sum()) / positions
+    plan = LayerPlan(shape.layer, shape.q_heads, shape.kv_heads, shape.head_dim,
+                     shape.mlp_width, tuple(range(shape.kv_heads)), kept)
+    return LayerCut("mlp", step, plan, down, error)
+
+
+def _group_cut(shape: LayerLayout, layer: nn.Module, removed: int, held_gram: torch.Tensor,
+               positions: int, scores: torch.Tensor) -> LayerCut:
+    kept = top_k(scores, shape.kv_heads - removed)
+    gone = [g for g in range(shape.kv_heads) if g not in kept]
+    columns = group_indices(gone, shape.q_per_kv, shape.head_dim)[0]
+    out = layer.self_attn.o_proj.weight.detach().float()[:, columns]  # (E, removed*q_per_kv*D)
+    error = float(((out @ held_gram[columns][:, columns]) * out).sum()) / positions
+    plan = LayerPlan(shape.layer, shape.q_heads, shape.kv_heads, shape.head_dim,
+                     shape.mlp_width, kept, tuple(range(shape.mlp_width)))
+    return LayerCut("group", removed, plan, None, error)
+
+
+def layer_cuts(shape: LayerLayout, layer: nn.Module, fit_gram: torch.Tensor, held: HeldOut,
+               settings: ProfileSettings, saliency: LayerSaliency | None) -> list[LayerCut]:
+    """Every grid point of one layer except the uncut ones: R-1 MLP cuts, G-1 group cuts."""
+    index = shape.layer
+    cuts = []
+    for step, rate in enumerate(MLP_RATES):
+        keep = shape.mlp_width - round(rate * shape.mlp_width)
+        if step and keep >= 1:
+            cuts.append(_mlp_cut(shape, layer, step, keep, fit_gram, held.mlp_grams[index],
+                                 held.positions, settings, saliency))
+    if shape.kv_heads > 1:
+        scores = group_scores(saliency, shape.q_per_kv, shape.head_dim)
+        for removed in range(1, shape.kv_heads):
+            cuts.append(_group_cut(shape, layer, removed, held.attn_grams[index],
+                                   held.positions, scores))
+    return cuts
+
+
+@torch.no_grad()
+def measure_cut(model: nn.Module, held: HeldOut, cut: LayerCut) -> tuple[float, float]:
+    """Mean NLL increase per token and its standard error over the windows, with only
+    ``cut`` applied (to a copy of its layer), from the recorded input of that layer on."""
+    layers = decoder_layers(model)
+    index = cut.plan.layer
+    variant = copy.deepcopy(layers[index])
+    cut_layer_(variant, cut.plan)
+    if cut.down is not None:
+        variant.mlp.down_proj.weight.data.copy_(cut.down.to(variant.mlp.down_proj.weight.dtype))
+    hidden = held.calls[index].run(variant, held.calls[index].hidden)
+    for later in range(index + 1, len(layers)):
+        hidden = held.calls[later].run(layers[later], hidden)
+    rows = nll_from_hidden(model, hidden, held.ids, normalized=False).cpu()
+    per_token = (rows - held.base_rows.cpu()) / (held.ids.shape[1] - 1)
+    return float(per_token.mean()), float(per_token.std() / math.sqrt(per_token.numel()))
+
+
+def _anchors(cuts: Sequence[LayerCut]) -> list[LayerCut]:
+    """The cuts measured in anchored mode: the MLP rate nearest ANCHOR_MLP_RATE, one group."""
+    chosen = []
+    mlp = [c for c in cuts if c.part == "mlp"]
+    if mlp:
+        chosen.append(min(mlp, key=lambda c: abs(MLP_RATES[c.step] - ANCHOR_MLP_RATE)))
+    chosen += [c for c in cuts if c.part == "group" and c.step == 1]
+    return chosen
+
+
+def _layer_values(model: nn.Module, held: HeldOut, cuts: Sequence[LayerCut], mode: str,
+                  tick: Callable[[], None]) -> dict[tuple[str, int], tuple[float, float]]:
+    """(part, step) -> (loss, sigma) of one layer's cuts: measured, or scaled from the anchor
+    of the same part by the local output change (anchored mode)."""
+    measured = list(cuts) if mode == "exact" else _anchors(cuts)
+    values = {}
+    for cut in measured:
+        values[(cut.part, cut.step)] = measure_cut(model, held, cut)
+        tick()
+    if mode == "anchored":
+        for anchor in measured:
+            loss, sigma = values[(anchor.part, anchor.step)]
+            scale = max(loss, 0.0) / anchor.error if anchor.error > 0 else 0.0
+            relative = sigma / anchor.error if anchor.error > 0 else 0.0
+            for cut in cuts:
+                if cut.part == anchor.part and (cut.part, cut.step) not in values:
+                    values[(cut.part, cut.step)] = (scale * cut.error, relative * cut.error)
+    return values
+
+
+def _saliency(model: nn.Module, settings: ProfileSettings, fit: torch.Tensor
+              ) -> dict[int, LayerSaliency]:
+    """Unit scores of every layer (groups always; channels too without compensation), from
+    the first SCORE_WINDOWS fit windows where the method reads data."""
+    return layer_saliency(model, settings.unit_importance, fit[:SCORE_WINDOWS],  # type: ignore[arg-type]
+                          seed=settings.seed)
+
+
+def compute_profile(model: nn.Module, fit: torch.Tensor, ids: torch.Tensor,
+                    settings: ProfileSettings, progress: Progress | None = None,
+                    batch_size: int = 8) -> SensitivityProfile:
+    """The profile of ``model`` (see the module docstring).
+
+    Args:
+        fit: (N, T_fit) fit windows (channel choice and re-fit; the first SCORE_WINDOWS also
+            give Taylor/activation unit scores).
+        ids: (B, T) profile windows, B >= 2, on which losses are measured.
+        progress: ``(done, total)`` over the forward passes of step 3.
+
+    The model is not changed (each cut is applied to a copy of one layer); eval mode is used
+    and the previous mode restored.
+    """
+    if ids.dim() != 2 or ids.shape[0] < 2 or ids.shape[1] < 2:
+        raise ValueError(f"profile windows must be (B, T) with B >= 2 and T >= 2, got "
+                         f"{tuple(ids.shape)}")
+    start = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    try:
+        saliency = _saliency(model, settings, fit)
+        grams = fit_grams(model, fit, batch_size) if settings.compensate else {}
+        held = held_out_pass(model, ids)
+        shapes = layout(model)
+        per_layer = [layer_cuts(s, layer, grams.get(s.layer), held, settings, saliency[s.layer])
+                     for s, layer in zip(shapes, decoder_layers(model))]
+        total = sum(len(c) if settings.mode == "exact" else len(_anchors(c)) for c in per_layer)
+        done = [0]
+
+        def tick() -> None:
+            done[0] += 1
+            if progress is not None:
+                progress(done[0], total)
+
+        values = [_layer_values(model, held, cuts, settings.mode, tick) for cuts in per_layer]
+    finally:
+        model.train(was_training)
+    return _assemble(shapes, per_layer, values, held, settings, time.perf_counter() - start)
+
+
+def _assemble(shapes: Sequence[LayerLayout], per_layer: Sequence[Sequence[LayerCut]],
+              values: Sequence[dict], held: HeldOut, settings: ProfileSettings,
+              seconds: float) -> SensitivityProfile:
+    def row(value: dict, errors: dict, part: str, steps: int, which: int) -> tuple[float, ...]:
+        return tuple(0.0 if k == 0 or (part, k) not in value else
+                     (value[(part, k)][which] if which < 2 else errors[(part, k)])
+                     for k in range(steps))
+
+    tables: dict[str, list] = {key: [] for key in
+                               ("mlp_loss", "mlp_sigma", "mlp_error", "group_loss",
+                                "group_sigma", "group_error", "measured")}
+    for shape, cuts, value in zip(shapes, per_layer, values):
+        errors = {(c.part, c.step): c.error for c in cuts}
+        for part, steps in (("mlp", len(MLP_RATES)), ("group", shape.kv_heads)):
+            for which, suffix in enumerate(("loss", "sigma", "error")):
+                tables[f"{part}_{suffix}"].append(row(value, errors, part, steps, which))
+        anchors = _anchors(cuts)
+        measured = [f"{c.part}:{c.step}" for c in cuts
+                    if settings.mode == "exact" or any(c is a for a in anchors)]
+        tables["measured"].append(tuple(measured))
+    base = float(held.base_rows.sum()) / held.positions
+    return SensitivityProfile(
+        MLP_RATES, tuple(tables["mlp_loss"]), tuple(tables["mlp_sigma"]),
+        tuple(tables["group_loss"]), tuple(tables["group_sigma"]),
+        tuple(s.mlp_width for s in shapes), tuple(s.kv_heads for s in shapes), base,
+        held.positions, settings.mode, tuple(tables["mlp_error"]), tuple(tables["group_error"]),
+        tuple(tables["measured"]), {}, seconds)

@@ -1,0 +1,300 @@
+"""Layer-wise pruning and perplexity against the in-memory path: same plan, same weights."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from gqaprune_core.checkpoint import load_pruned, save_pruned
+from gqaprune_core.config import PRESETS, PruneConfig
+from gqaprune_core.evaluate import perplexity
+from gqaprune_core.export.shards import INDEX_NAME
+from gqaprune_core.layerwise.evaluate import streamed_perplexity
+from gqaprune_core.layerwise.pipeline import (check_streamable, needs_layerwise, run_layerwise,
+                                              use_layerwise)
+from gqaprune_core.layerwise.source import open_model, open_source
+from gqaprune_core.models import ModelLoadError, count_parameters, layout
+from gqaprune_core.pipeline import run_pipeline
+from gqaprune_core.tiny import char_tokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# calibration on demo alone: the default preset's mix tokenizes slowly with the character tokenizer
+SMALL = {"importance_samples": 4, "importance_seq_len": 16, "num_examples": 6, "seq_len": 24,
+         "eval_seq_len": 32, "max_eval_windows": 2, "channel_multiple": 1, "device": "cpu",
+         "pruning_ratio": 0.1, "calibration_dataset": "demo", "eval_datasets": ("demo", "pydoc")}
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("GQAPRUNE_CACHE", str(tmp_path / "cache"))
+
+
+def _saved(make_tiny, tmp_path, variant: str = "llama", **overrides):
+    """A tiny model saved as a Hugging Face directory; returns (model, tokenizer, path)."""
+    model, tokenizer = make_tiny(variant, **overrides), char_tokenizer()
+    path = tmp_path / f"src-{variant}"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return model, tokenizer, path
+
+
+def _assert_same_run(in_memory, layerwise, output, atol: float = 1e-5) -> None:
+    assert layerwise.plan == in_memory.plan
+    assert layerwise.importance.scores == pytest.approx(in_memory.importance.scores, rel=1e-6)
+    loaded, _ = load_pruned(output)
+    expected = in_memory.model.state_dict()
+    got = loaded.state_dict()
+    assert sorted(got) == sorted(expected)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor, atol=atol, rtol=1e-4, msg=name)
+    for before, after in zip(in_memory.ppl_after, layerwise.ppl_after):
+        assert after.value == pytest.approx(before.value, rel=1e-5)
+    assert layerwise.report["params_after"] == in_memory.report["params_after"]
+
+
+SETTINGS = {
+    "default": PRESETS["default"].with_(**SMALL),
+    "feedback": PRESETS["default"].with_(**SMALL, refit_feedback=0.5),
+    "groups_magnitude": PRESETS["original"].with_(**SMALL | {"pruning_ratio": 0.3},
+                                                  unit_importance="magnitude", prune_mlp=True,
+                                                  importance_method="activation"),
+    "groups_and_refit": PRESETS["default"].with_(**SMALL | {"pruning_ratio": 0.3},
+                                                 unit_importance="random", prune_attention=True,
+                                                 importance_method="removal"),
+}
+
+
+@pytest.mark.parametrize("setting", sorted(SETTINGS))
+def test_layerwise_equals_in_memory(make_tiny, tmp_path, setting):
+    model, tokenizer, path = _saved(make_tiny, tmp_path)
+    config = SETTINGS[setting].with_(base_model=str(path))
+    in_memory = run_pipeline(config, model, tokenizer)
+    layerwise = run_layerwise(config, tmp_path / "out", batch_size=4)
+    assert not layerwise.plan.layers[0].is_identity or not layerwise.plan.layers[1].is_identity
+    _assert_same_run(in_memory, layerwise, tmp_path / "out")
+
+
+@pytest.mark.parametrize("variant,overrides", [("qwen2_bias", {}), ("mistral", {}),
+                                               ("llama", {"tie_embeddings": True})])
+def test_layerwise_equals_in_memory_on_other_architectures(make_tiny, tmp_path, variant,
+                                                           overrides):
+    model, tokenizer, path = _saved(make_tiny, tmp_path, variant, **overrides)
+    config = SETTINGS["groups_and_refit"].with_(base_model=str(path))
+    in_memory = run_pipeline(config, model, tokenizer)
+    layerwise = run_layerwise(config, tmp_path / "out", batch_size=3)
+    _assert_same_run(in_memory, layerwise, tmp_path / "out")
+
+
+def test_streamed_perplexity_equals_whole_model(make_tiny, tmp_path):
+    model, _, path = _saved(make_tiny, tmp_path)
+    windows = torch.randint(0, 97, (5, 20), generator=torch.Generator().manual_seed(3))
+    source = open_source(path)
+    skeleton = open_model(source, torch.device("cpu"), torch.float32)
+    streamed, = streamed_perplexity(skeleton, source, [windows], torch.device("cpu"),
+                                    torch.float32, batch_size=2)
+    whole = perplexity(model, windows, batch_size=4)
+    assert streamed.value == pytest.approx(whole.value, rel=1e-6)
+    assert (streamed.tokens, streamed.windows, streamed.seq_len) == (95, 5, 20)
+
+
+def test_skeleton_needs_no_accelerate(make_tiny, tmp_path, monkeypatch):
+    import sys
+
+    model, _, path = _saved(make_tiny, tmp_path, tie_embeddings=True)
+    monkeypatch.setitem(sys.modules, "accelerate", None)  # import accelerate -> ImportError
+    source = open_source(path)
+    skeleton = open_model(source, torch.device("cpu"), torch.float32)
+    windows = torch.randint(0, 97, (3, 20), generator=torch.Generator().manual_seed(4))
+    streamed, = streamed_perplexity(skeleton, source, [windows], torch.device("cpu"),
+                                    torch.float32)
+    assert streamed.value == pytest.approx(perplexity(model, windows).value, rel=1e-6)
+
+
+def test_pruned_checkpoint_is_pruned_again_like_in_memory(make_tiny, tmp_path):
+    model, tokenizer, _ = _saved(make_tiny, tmp_path)
+    first = run_pipeline(SETTINGS["groups_magnitude"].with_(base_model="tiny"), model, tokenizer,
+                         evaluate=False)
+    save_pruned(first.model, tokenizer, first.plan, tmp_path / "ckpt")
+    config = SETTINGS["default"].with_(base_model=str(tmp_path / "ckpt"), max_eval_windows=1)
+    reloaded, _ = load_pruned(tmp_path / "ckpt")
+    in_memory = run_pipeline(config, reloaded, tokenizer)
+    layerwise = run_layerwise(config, tmp_path / "out")
+    _assert_same_run(in_memory, layerwise, tmp_path / "out")
+
+
+def test_output_is_sharded_and_streamed_back(make_tiny, tmp_path):
+    _, _, path = _saved(make_tiny, tmp_path)
+    config = SETTINGS["default"].with_(base_model=str(path))
+    result = run_layerwise(config, tmp_path / "out", max_shard_bytes=20_000, evaluate=False)
+    assert (tmp_path / "out" / INDEX_NAME).is_file()
+    assert len(list((tmp_path / "out").glob("model-*-of-*.safetensors"))) > 2
+    source = open_source(tmp_path / "out")
+    assert source.plan == result.plan
+    skeleton = open_model(source, torch.device("cpu"), torch.float32)
+    assert layout(skeleton) == layout(result.model)
+    assert count_parameters(skeleton) == result.report["params_after"]
+
+
+def test_existing_output_is_refused_and_kept(make_tiny, tmp_path):
+    _, _, path = _saved(make_tiny, tmp_path)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    with pytest.raises(ValueError, match="refusing to overwrite"):
+        run_layerwise(SETTINGS["default"].with_(base_model=str(path)), tmp_path / "out",
+                      evaluate=False)
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+
+
+def test_progress_reports_every_layer_of_every_stage(make_tiny, tmp_path):
+    _, _, path = _saved(make_tiny, tmp_path)
+    steps, calls = [], []
+    run_layerwise(SETTINGS["default"].with_(base_model=str(path)), tmp_path / "out",
+                  on_step=steps.append, progress=lambda *a: calls.append(a))
+    stages = ["importance", "evaluate_before", "prune", "evaluate_after"]
+    assert [(s.stage, s.index) for s in steps] == [(st, i) for st in stages for i in range(3)]
+    assert calls == [(st, i + 1, 3) for st in stages for i in range(3)]
+    assert all(s.seconds > 0 and s.memory_bytes > 0 and s.peak_bytes >= s.memory_bytes
+               for s in steps)
+    assert "layer 3/3" in steps[-1].describe()
+
+
+@pytest.mark.parametrize("changes,words", [
+    ({"prune_attention": True, "unit_importance": "taylor"}, "gradients through the whole model"),
+    ({"prune_attention": True, "unit_importance": "activation"}, "not implemented layer by"),
+    ({"compensate": False, "unit_importance": "taylor"}, "--unit_importance magnitude"),
+    ({"recovery": "lora"}, "--recovery none"),
+])
+def test_settings_that_cannot_stream_are_refused_with_what_to_use(changes, words):
+    config = PRESETS["default"].with_(**changes)
+    with pytest.raises(ValueError, match=words):
+        check_streamable(config)
+    assert not use_layerwise(config.with_(base_model="demo"))  # auto: in memory then
+
+
+def test_layerwise_choice():
+    check_streamable(PRESETS["default"])  # the default preset streams
+    assert needs_layerwise(100 * 2**30, 80 * 2**30)
+    assert not needs_layerwise(2**30, 80 * 2**30)
+    assert not use_layerwise(PRESETS["default"].with_(base_model="tiny"))  # not on disk
+    assert use_layerwise(PRESETS["default"].with_(base_model="tiny", layerwise="on"))
+    assert not use_layerwise(PRESETS["default"].with_(layerwise="off"))
+    with pytest.raises(ValueError, match="layerwise='sometimes'; choose one of auto, on, off"):
+        PruneConfig(layerwise="sometimes")
+    with pytest.raises(ModelLoadError, match="exists only in memory"):
+        run_layerwise(PRESETS["default"].with_(base_model="tiny"), "unused")
+
+
+@pytest.mark.demo
+def test_demo_model_layerwise_equals_in_memory(demo, tmp_path):
+    model, tokenizer = demo
+    config = PRESETS["default"].with_(
+        importance_samples=4, importance_seq_len=64, num_examples=8, seq_len=64,
+        eval_datasets=("demo",), eval_seq_len=128, max_eval_windows=2, device="cpu")
+    in_memory = run_pipeline(config, copy.deepcopy(model), tokenizer, copy_model=False)
+    layerwise = run_layerwise(config, tmp_path / "out", batch_size=8)
+    _assert_same_run(in_memory, layerwise, tmp_path / "out", atol=1e-4)
+    assert layerwise.ppl_before[0].value == pytest.approx(in_memory.ppl_before[0].value,
+                                                          rel=1e-5)
+
+
+# ---- command line ------------------------------------------------------------------------------
+
+def _cli_args(path, out, *extra: str) -> list[str]:
+    return ["--base_model", str(path), "--device", "cpu", "--preset", "default",
+            "--importance_samples", "4", "--num_examples", "4", "--eval_seq_len", "32",
+            "--max_eval_windows", "2", "--channel_multiple", "1", "--pruning_ratio", "0.1",
+            "--output_dir", str(out), "--quiet", *extra]
+
+
+def test_cli_layerwise_writes_the_model_and_reports_layers(make_tiny, tmp_path):
+    from gqaprune_core import cli
+
+    _, _, path = _saved(make_tiny, tmp_path)
+    run = cli.execute(_cli_args(path, tmp_path / "runs", "--layerwise", "on",
+                                "--save_ckpt_log_name", "lw", "--test_after_prune"))
+    in_memory = cli.execute(_cli_args(path, tmp_path / "runs", "--layerwise", "off",
+                                      "--save_ckpt_log_name", "mem", "--test_after_prune",
+                                      "--save_model"))
+    assert run.report["layerwise"]["stages"]["prune"]["layers"] == 3
+    assert run.report["model_dir"] == str((tmp_path / "runs" / "lw" / "model").resolve())
+    assert "layerwise" not in in_memory.report
+    assert run.result.plan == in_memory.result.plan
+    for corpus, entry in in_memory.report["ppl_after"].items():
+        assert run.report["ppl_after"][corpus]["value"] == pytest.approx(entry["value"])
+    loaded, _ = load_pruned(tmp_path / "runs" / "lw" / "model")
+    assert layout(loaded) == layout(in_memory.result.model)
+
+
+def test_cli_refuses_taylor_layerwise_in_one_line(make_tiny, tmp_path, capsys):
+    from gqaprune_core import cli
+
+    _, _, path = _saved(make_tiny, tmp_path)
+    capsys.readouterr()  # save_pretrained's own progress bar
+    code = cli.main(_cli_args(path, tmp_path / "runs", "--layerwise", "on", "--prune_attention",
+                              "--unit_importance", "taylor"))
+    err = capsys.readouterr().err
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert "Taylor scores need gradients through the whole model" in err
+    assert "--layerwise off" in err and not (tmp_path / "runs").exists()
+
+
+# ---- the app's decision ------------------------------------------------------------------------
+
+def test_app_prunes_layerwise_when_a_copy_would_not_fit(make_tiny, tmp_path, monkeypatch):
+    from gqaprune_core import app_support
+    from gqaprune_core.layerwise import pipeline as layerwise_pipeline
+
+    model, tokenizer, path = _saved(make_tiny, tmp_path)
+    config = SETTINGS["default"].with_(base_model=str(path), eval_datasets=("demo",))
+    assert not app_support.prune_layerwise_instead(config, model)  # a copy fits
+    assert not app_support.prune_layerwise_instead(config.with_(base_model="tiny"), model)
+    monkeypatch.setattr(layerwise_pipeline, "free_memory", lambda device: 2**20)
+    assert app_support.prune_layerwise_instead(config, model)
+    assert not app_support.prune_layerwise_instead(config.with_(layerwise="off"), model)
+    with pytest.raises(ValueError, match="Taylor"):
+        app_support.prune_layerwise_instead(
+            config.with_(layerwise="on", prune_attention=True), model)
+    stages = []
+    before = copy.deepcopy(model.state_dict())
+    run = app_support.prune_job(config, model, tokenizer, None, "Hello", 4,
+                                lambda stage, done, total: stages.append(stage))
+    assert run.model is None and run.checkpoint.is_dir() and "layer by layer" in run.text_after
+    assert any("s/layer" in stage for stage in stages)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # not cut
+    saved = app_support.save_run(run, "lw", output_dir=tmp_path / "runs")
+    loaded, _ = load_pruned(saved / "model")
+    assert count_parameters(loaded) == run.report["params_after"]
+
+
+# ---- accelerate's dispatch (in memory) ---------------------------------------------------------
+
+@pytest.mark.parametrize("setting", ["default", "groups_magnitude"])
+def test_dispatched_model_prunes_like_a_plain_one(make_tiny, tmp_path, setting):
+    from gqaprune_core.models import load_model
+
+    model, tokenizer, path = _saved(make_tiny, tmp_path)
+    config = SETTINGS[setting].with_(base_model=str(path), unit_importance="taylor")
+    dispatched, _ = load_model(path, "cpu", device_map="auto", max_memory="cpu=4GiB")
+    plain = run_pipeline(config, model, tokenizer)
+    spread = run_pipeline(config, dispatched, tokenizer)
+    assert spread.plan == plain.plan
+    assert spread.report["ppl_after"]["demo"]["value"] == pytest.approx(
+        plain.report["ppl_after"]["demo"]["value"], rel=1e-5)
+
+
+def test_offloaded_weights_are_refused_with_what_to_do(make_tiny, tmp_path):
+    from gqaprune_core.models import load_model, parse_max_memory
+
+    _, _, path = _saved(make_tiny, tmp_path)
+    with pytest.raises(ModelLoadError, match="offload.*--layerwise on"):
+        load_model(path, "cpu", device_map="auto", max_memory="cpu=20KiB,disk=1GiB")
+    assert parse_max_memory("0=20GiB, 1=20GiB,cpu=64GiB") == {0: "20GiB", 1: "20GiB",
+                                                              "cpu": "64GiB"}
+    with pytest.raises(ValueError, match="not DEVICE=SIZE"):
+        parse_max_memory("gpu0:20GiB")
+    with pytest.raises(ValueError, match="needs device_map"):
+        PruneConfig(max_memory="0=20GiB")
