@@ -14,10 +14,16 @@ Without ``--preset`` a run starts from the ``original`` preset, with the MLP lef
 ``PRESETS[NAME]`` as it is; flags given explicitly override either (the flags and that
 mapping: :mod:`gqaprune_core.cli_flags`).
 
-Every input is checked (flags, config, paths, corpora, model, layer range and rates) before
-the run directory is created. Failures print one line on stderr and exit non-zero; a failure
-after the directory exists leaves ``FAILED.txt`` there and no ``report.json``. See
-:mod:`gqaprune_core.outputs` for the files of a run.
+Every input is checked (flags, config, run name, paths, corpora, model, reused scores against
+its weights fingerprint, layer range and rates) before the run directory is created; flags,
+config and run name even before the model loads (:mod:`gqaprune_core.cli_checks`). The run
+then locks its directory (:mod:`gqaprune_core.runlock`: a second run of the same name fails at
+once and touches nothing) and runs with SIGINT and SIGTERM turned into an exception
+(:mod:`gqaprune_core.interrupts`). Failures print one line on stderr and exit 2 (the command
+line is wrong) or 1 (an input cannot be used, the run failed), 130/143 on SIGINT/SIGTERM; a
+failure after the directory exists leaves ``FAILED.txt`` there and no ``report.json``. See
+:mod:`gqaprune_core.outputs` for the files of a run, README "When things go wrong" for each
+case.
 """
 
 from __future__ import annotations

@@ -122,7 +122,8 @@ def test_busy_run_name_fails_before_loading_and_touches_nothing(tmp_path, capsys
 
 # ---- 2. SIGTERM / SIGINT during the save --------------------------------------------------------
 
-@pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+@pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)],
+                         ids=["SIGTERM", "SIGINT"])
 def test_signal_during_save_cleans_up_and_records_it(tmp_path, signum, status):
     out, marker = tmp_path / "out", tmp_path / "saving"
     process = subprocess.Popen(
@@ -176,6 +177,16 @@ def test_same_weights_under_another_name_are_accepted(tmp_path, tiny_scores):
     assert cli.main([*FAST, "--base_model", str(same), "--prune_mlp",
                      "--skip_importance_analysis", "--importance_config", str(tiny_scores),
                      "--output_dir", str(tmp_path / "out"), "--save_ckpt_log_name", "same"]) == 0
+
+
+def test_scores_without_a_fingerprint_are_used_with_a_warning(tmp_path, tiny_scores, capsys):
+    content = json.loads(tiny_scores.read_text())
+    del content["inputs"]  # as the original project wrote them
+    tiny_scores.write_text(json.dumps(content))
+    code = cli.main([*FAST, "--prune_mlp", "--skip_importance_analysis", "--importance_config",
+                     str(tiny_scores), "--output_dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 0 and "stores no weights fingerprint" in err
 
 
 def test_fingerprint_recognises_the_same_weights_at_another_precision():
@@ -344,3 +355,22 @@ def test_bad_values_exit_2(case, tmp_path, capsys, monkeypatch):
                             lambda *a, **k: pytest.fail("loaded the model"))
     assert expected in fails(capsys, [*FAST, *flags, "--output_dir", str(tmp_path / "out")], 2)
     assert not (tmp_path / "out").exists()
+
+
+# ---- the README table ----------------------------------------------------------------------------
+
+def test_every_row_of_the_readme_failure_table_names_a_test_that_exists():
+    import re
+
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## When things go wrong", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(rows) > 20
+    for row in rows[1:]:  # after the header
+        cited = re.findall(r"`(tests/[\w/]+\.py)::(\w+)(?:\[([^\]]+)\])?`", row)
+        assert cited or "(see Deploy)" in row, row
+        for path, name, case in cited:
+            source = (REPO / path).read_text()
+            assert f"def {name}(" in source, (path, name)
+            if case:  # a parametrized case: its id must be in the file
+                assert f'"{case}"' in source, (path, name, case)
