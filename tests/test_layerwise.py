@@ -192,8 +192,9 @@ def test_layerwise_choice():
 def test_demo_model_layerwise_equals_in_memory(demo, tmp_path):
     model, tokenizer = demo
     config = PRESETS["default"].with_(
-        importance_samples=4, importance_seq_len=64, num_examples=8, seq_len=64,
-        eval_datasets=("demo",), eval_seq_len=128, max_eval_windows=2, device="cpu")
+        importance_samples=2, importance_seq_len=64, num_examples=4, seq_len=64,
+        calibration_dataset="demo", eval_datasets=("demo",), eval_seq_len=128,
+        max_eval_windows=1, device="cpu")
     in_memory = run_pipeline(config, copy.deepcopy(model), tokenizer, copy_model=False)
     layerwise = run_layerwise(config, tmp_path / "out", batch_size=8)
     _assert_same_run(in_memory, layerwise, tmp_path / "out", atol=1e-4)
@@ -207,7 +208,8 @@ def _cli_args(path, out, *extra: str) -> list[str]:
     return ["--base_model", str(path), "--device", "cpu", "--preset", "default",
             "--importance_samples", "4", "--num_examples", "4", "--eval_seq_len", "32",
             "--max_eval_windows", "2", "--channel_multiple", "1", "--pruning_ratio", "0.1",
-            "--output_dir", str(out), "--quiet", *extra]
+            "--calibration_dataset", "demo", "--eval_datasets", "demo", "--output_dir", str(out),
+            "--quiet", *extra]
 
 
 def test_cli_layerwise_writes_the_model_and_reports_layers(make_tiny, tmp_path):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 
 import torch
@@ -28,7 +29,8 @@ from gqaprune_core.layerwise.evaluate import streamed_corpora
 from gqaprune_core.layerwise.importance import streamed_importance
 from gqaprune_core.layerwise.output import write_checkpoint
 from gqaprune_core.layerwise.prune import LAYER_LOCAL_UNIT_METHODS, LayerCut, prune_layer_
-from gqaprune_core.layerwise.source import ModelSource, load_tokenizer, open_model, open_source
+from gqaprune_core.layerwise.source import (ModelSource, load_tokenizer, meta_skeleton,
+                                            open_model, open_source)
 from gqaprune_core.layerwise.stream import LayerStep, OnStep, embed, layers_in_turn
 from gqaprune_core.models import count_parameters, layout, pick_device, pick_dtype
 from gqaprune_core.pipeline import PipelineResult, Progress, build_report, plan_units
@@ -147,11 +149,16 @@ def _importance(config: PruneConfig, model: nn.Module, source: ModelSource, toke
 
 
 def _evaluate(config: PruneConfig, model: nn.Module, source: ModelSource, tokenizer,
-              device: torch.device, dtype: torch.dtype, stage: str, step: OnStep) -> list:
-    return streamed_corpora(model, source, tokenizer, config.eval_datasets, device, dtype,
+              device: torch.device, dtype: torch.dtype, stage: str, step: OnStep,
+              timings: dict) -> list:
+    """Streamed perplexity on every evaluation corpus, timed into ``timings[stage]``."""
+    start = time.perf_counter()
+    results = streamed_corpora(model, source, tokenizer, config.eval_datasets, device, dtype,
                             seq_len=config.eval_seq_len, max_windows=config.max_eval_windows,
                             batch_size=max(1, 16384 // config.eval_seq_len)
                             if device.type == "cuda" else 4, on_step=step, stage=stage)
+    timings[stage] = round(time.perf_counter() - start, 3)
+    return results
 
 
 def run_layerwise(config: PruneConfig, output: str | os.PathLike, *,
@@ -180,43 +187,38 @@ def run_layerwise(config: PruneConfig, output: str | os.PathLike, *,
     timings: dict[str, float] = {}
     steps: list[LayerStep] = []
     step = _progress_steps(progress, on_step, steps)
-    start = time.perf_counter()
-    source = open_source(config.base_model)
+    evaluate = evaluate and bool(config.eval_datasets)
     device = pick_device(config.device)
     dtype = pick_dtype(device, config.dtype)
-    tokenizer = load_tokenizer(source)
-    model = open_model(source, device, dtype)
-    timings["load"] = round(time.perf_counter() - start, 3)
-    torch.manual_seed(config.seed)
-    params_before = count_parameters(model)
-    if importance is None:
-        start = time.perf_counter()
-        importance = _importance(config, model, source, tokenizer, device, dtype, step)
-        timings["importance"] = round(time.perf_counter() - start, 3)
-    if len(importance.scores) != source.num_layers:
-        raise ValueError(f"layer importance has {len(importance.scores)} scores, model has "
-                         f"{source.num_layers} layers")
-    rates, allocation = plan_units(config, model, importance)
-    ppl_before = []
-    if evaluate and config.eval_datasets:
-        start = time.perf_counter()
-        ppl_before = _evaluate(config, model, source, tokenizer, device, dtype,
-                               "evaluate_before", step)
-        timings["evaluate_before"] = round(time.perf_counter() - start, 3)
     start = time.perf_counter()
-    plan = _write_pruned(config, model, source, tokenizer, allocation, output, device, dtype,
-                         batch_size, step, overwrite, max_shard_bytes)
-    timings["prune"] = round(time.perf_counter() - start, 3)
-    source.close()
-    pruned = open_source(output)
-    pruned_model = open_model(pruned, device, dtype)
-    ppl_after = []
-    if evaluate and config.eval_datasets:
+    with closing(open_source(config.base_model)) as source:
+        tokenizer = load_tokenizer(source)
+        model = open_model(source, device, dtype)
+        timings["load"] = round(time.perf_counter() - start, 3)
+        torch.manual_seed(config.seed)
+        params_before = count_parameters(model)
+        if importance is None:
+            start = time.perf_counter()
+            importance = _importance(config, model, source, tokenizer, device, dtype, step)
+            timings["importance"] = round(time.perf_counter() - start, 3)
+        if len(importance.scores) != source.num_layers:
+            raise ValueError(f"layer importance has {len(importance.scores)} scores, model has "
+                             f"{source.num_layers} layers")
+        rates, allocation = plan_units(config, model, importance)
+        ppl_before = (_evaluate(config, model, source, tokenizer, device, dtype,
+                                "evaluate_before", step, timings) if evaluate else [])
         start = time.perf_counter()
-        ppl_after = _evaluate(config, pruned_model, pruned, tokenizer, device, dtype,
-                              "evaluate_after", step)
-        timings["evaluate_after"] = round(time.perf_counter() - start, 3)
-    pruned.close()
+        plan = _write_pruned(config, model, source, tokenizer, allocation, output, device,
+                             dtype, batch_size, step, overwrite, max_shard_bytes)
+        timings["prune"] = round(time.perf_counter() - start, 3)
+    del model  # the source's embedding and head
+    pruned = open_source(output)
+    try:  # the embedding and head are loaded only to evaluate
+        pruned_model = open_model(pruned, device, dtype) if evaluate else meta_skeleton(pruned)
+        ppl_after = (_evaluate(config, pruned_model, pruned, tokenizer, device, dtype,
+                               "evaluate_after", step, timings) if evaluate else [])
+    finally:
+        pruned.close()
     report = build_report(config, pruned_model, params_before, plan, rates, allocation,
                           ppl_before, ppl_after, timings)
     report["layerwise"] = layerwise_summary(Path(output), steps, device)

@@ -53,8 +53,9 @@ def memory_in_use(device: torch.device) -> tuple[int, int]:
 
     import psutil
 
+    now = psutil.Process().memory_info().rss
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return psutil.Process().memory_info().rss, peak_kib * 1024
+    return now, max(now, peak_kib * 1024)  # rusage lags the RSS a little
 
 
 class _Stop(Exception):
