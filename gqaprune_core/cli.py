@@ -114,7 +114,11 @@ def _check_plan(config: PruneConfig, model, count: int, importance) -> tuple[flo
     if importance is not None and len(importance.scores) != count:
         raise ValueError(f"--importance_config holds {len(importance.scores)} layer scores, "
                          f"the model {config.base_model!r} has {count} layers")
-    plan_units(config, model, importance or LayerImportance("equal", (0.0,) * count))
+    # the optimized strategy's profile is computed by the run; the check plans uniform rates
+    # under the same bounds (the optimizer caps every layer at max_pruning_rate too)
+    check = (config.with_(pruning_strategy="uniform", min_pruning_rate=0.0)
+             if config.pruning_strategy == "optimized" else config)
+    plan_units(check, model, importance or LayerImportance("equal", (0.0,) * count))
     end = count if config.layer_end is None else min(config.layer_end, count)
     layer_range = range(config.layer_start, end)
     return prunable_target(config, model, layer_range), layer_range

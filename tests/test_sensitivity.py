@@ -253,3 +253,19 @@ def test_cli_flags_reach_the_config():
     config = config_from_args(args)
     assert (config.pruning_strategy, config.max_ppl_increase, config.sensitivity_mode,
             config.sensitivity_samples) == ("optimized", 0.25, "exact", 4)
+
+
+def test_cli_runs_the_optimized_strategy_with_the_gate(tmp_path, monkeypatch):
+    from gqaprune_core.cli import execute
+
+    monkeypatch.setenv("GQAPRUNE_CACHE", str(tmp_path / "cache"))
+    run = execute(["--base_model", "tiny", "--pruning_strategy", "optimized", "--prune_mlp",
+                   "--pruning_ratio", "0.3", "--min_pruning_rate", "0", "--max_pruning_rate",
+                   "0.9", "--importance_samples", "4", "--importance_seq_len", "16",
+                   "--num_examples", "4", "--seq_len", "24", "--sensitivity_samples", "3",
+                   "--sensitivity_seq_len", "16", "--sensitivity_fit_samples", "4",
+                   "--max_ppl_increase", "100", "--output_dir", str(tmp_path / "runs"),
+                   "--save_ckpt_log_name", "opt", "--quiet"])
+    report = run.report
+    assert report["gate"]["ratio"] == 0.3 and report["predicted"]["ratio"] >= 1.0
+    assert (tmp_path / "runs" / "opt" / "report.json").is_file()
