@@ -121,6 +121,14 @@ def synthetic(layers: int = 3, width: int = 40, groups: int = 2, seed: int = 0
                               (width,) * layers, (groups,) * layers, 2.0, 100, "exact")
 
 
+def test_a_cut_measured_within_noise_of_zero_is_not_free():
+    profile = synthetic()
+    noisy = SensitivityProfile(**(profile.__dict__ | {
+        "mlp_loss": ((0.0,) + (-0.01,) * 9,) + profile.mlp_loss[1:],
+        "mlp_sigma": ((0.0,) + (0.004,) * 9,) + profile.mlp_sigma[1:]}))
+    assert mlp_loss(noisy, 0, 20)[0] == pytest.approx(0.004)  # one standard error, not < 0
+
+
 def test_prediction_is_additive_and_monotone():
     profile = synthetic()
     nothing = predict(profile, [0, 0, 0], [0, 0, 0])

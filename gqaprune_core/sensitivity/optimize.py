@@ -27,7 +27,7 @@ import numpy as np
 
 from gqaprune_core.models import LayerLayout
 from gqaprune_core.schedule import BUDGET_TOLERANCE, UnitAllocation, UnitCost, channel_block
-from gqaprune_core.sensitivity.predict import group_loss, mlp_loss, monotone
+from gqaprune_core.sensitivity.predict import effective, group_loss, mlp_loss
 from gqaprune_core.sensitivity.profile import SensitivityProfile
 
 # DP cells at most with the exact unit; the demo model at 20 % would need 5,840 cells of 4,608
@@ -53,7 +53,7 @@ def _options(profile: SensitivityProfile, shape: LayerLayout, cost: UnitCost, mu
     channels = np.arange(0, most_channels + 1, multiple)
     # the predictor's MLP curve (non-decreasing, linear between grid rates), all counts at once
     curve = np.interp(channels / shape.mlp_width, profile.mlp_rates,
-                      monotone(profile.mlp_loss[layer]))
+                      effective(profile.mlp_loss[layer], profile.mlp_sigma[layer]))
     options = []
     for groups in range(shape.kv_heads if prune_attention else 1):
         g_loss = group_loss(profile, layer, groups)[0]
