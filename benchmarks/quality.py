@@ -38,7 +38,8 @@ from gqaprune_core.surgery import apply_plan_  # noqa: E402
 
 METHODS = ("original", "default", "uniform_taylor", "global_taylor", "magnitude", "random",
            "activation", "depth", "naive-heads", "default-own-calibration", "default+lora",
-           "default-own-calibration+lora", "default-own-calibration+full")
+           "default-own-calibration+lora", "default-own-calibration+full", "optimized",
+           "optimized-own-calibration")
 QUICK_METHODS = ("original", "default", "global_taylor", "naive-heads")
 UNIFORM_UNIT_METHODS = {"uniform_taylor": "taylor", "magnitude": "magnitude", "random": "random",
                         "activation": "activation"}
@@ -52,12 +53,16 @@ def method_config(method: str, ratio: float, args) -> tuple[PruneConfig, list[st
     if method.startswith("default"):
         base, source = default_preset()
         notes.append(source)
+    elif method.startswith("optimized"):  # units from the sensitivity profile (issue 16)
+        base = PRESETS["optimized"]
+        notes.append("PRESETS['optimized']")
     else:
         base = PRESETS["original"]
     # METHOD+RECOVERY: METHOD, then distillation by RECOVERY (lora or full)
     name, _, recovery = method.partition("+")
     # default-own-calibration: the preset's own calibration mix, not the benchmark's corpus
-    calibration = base.calibration_dataset if name == "default-own-calibration" else args.calibration
+    own = name in ("default-own-calibration", "optimized-own-calibration")
+    calibration = base.calibration_dataset if own else args.calibration
     config = base.with_(pruning_ratio=ratio, ratio_of="total", base_model=args.model,
                         calibration_dataset=calibration, seed=args.seed)
     if recovery:

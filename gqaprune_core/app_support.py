@@ -315,13 +315,9 @@ class RatePreview:
 def achieved_rates(shapes: Sequence[LayerLayout], costs, allocation: UnitAllocation,
                    prune_attention: bool, prune_mlp: bool) -> list[float]:
     """Per layer: parameters the whole units remove / parameters of the pruned parts."""
-    result = []
-    for s, c, groups, channels in zip(shapes, costs, allocation.groups_to_keep,
-                                      allocation.channels_to_keep):
-        part = (c.attention if prune_attention else 0) + (c.mlp if prune_mlp else 0)
-        removed = (s.kv_heads - groups) * c.group + (s.mlp_width - channels) * c.channel
-        result.append(removed / part if part else 0.0)
-    return result
+    from gqaprune_core.sensitivity.optimize import allocation_rates
+
+    return allocation_rates(allocation, shapes, costs, prune_attention, prune_mlp)
 
 
 def rate_preview(config: PruneConfig, model: nn.Module, importance: LayerImportance,

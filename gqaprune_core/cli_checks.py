@@ -102,8 +102,12 @@ def check_plan(config: PruneConfig, model, count: int, importance) -> tuple[floa
         raise ValueError(f"--importance_config holds {len(importance.scores)} layer scores, "
                          f"the model {config.base_model!r} has {count} layers")
     layer_range = check_layer_range(config, count)
+    # the optimized strategy's profile is computed by the run; the check plans uniform rates
+    # under the same bounds (the optimizer caps every layer at max_pruning_rate too)
+    planned = (config.with_(pruning_strategy="uniform", min_pruning_rate=0.0)
+               if config.pruning_strategy == "optimized" else config)
     try:
-        _, allocation = plan_units(config, model,
+        _, allocation = plan_units(planned, model,
                                    importance or LayerImportance("equal", (0.0,) * count))
         target = prunable_target(config, model, layer_range)
     except ValueError as err:  # unreachable rates or budget: the flags ask the impossible

@@ -216,4 +216,12 @@ DEFAULT = PruneConfig(
     compensate=True, refit_ridge=0.1, calibration_dataset="demo+pydoc+wiki", num_examples=128,
     seq_len=256, mode="one-shot", channel_multiple=8)
 
-PRESETS: dict[str, PruneConfig] = {"default": DEFAULT, "original": ORIGINAL}
+# The default's calibration and re-fit, but the units per layer (whole GQA groups and MLP
+# channel blocks) chosen from the sensitivity profile to minimise the predicted loss at the
+# budget (gqaprune_core.sensitivity.optimize): attention is offered, and takes what the
+# measured loss per parameter says; see BENCHMARKS.md, "Sensitivity and prediction".
+OPTIMIZED = DEFAULT.with_(pruning_strategy="optimized", prune_attention=True,
+                          max_pruning_rate=0.9)
+
+PRESETS: dict[str, PruneConfig] = {"default": DEFAULT, "original": ORIGINAL,
+                                   "optimized": OPTIMIZED}

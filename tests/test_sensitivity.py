@@ -121,6 +121,14 @@ def synthetic(layers: int = 3, width: int = 40, groups: int = 2, seed: int = 0
                               (width,) * layers, (groups,) * layers, 2.0, 100, "exact")
 
 
+def test_a_cut_measured_within_noise_of_zero_is_not_free():
+    profile = synthetic()
+    noisy = SensitivityProfile(**(profile.__dict__ | {
+        "mlp_loss": ((0.0,) + (-0.01,) * 9,) + profile.mlp_loss[1:],
+        "mlp_sigma": ((0.0,) + (0.004,) * 9,) + profile.mlp_sigma[1:]}))
+    assert mlp_loss(noisy, 0, 20)[0] == pytest.approx(0.004)  # one standard error, not < 0
+
+
 def test_prediction_is_additive_and_monotone():
     profile = synthetic()
     nothing = predict(profile, [0, 0, 0], [0, 0, 0])
@@ -253,3 +261,19 @@ def test_cli_flags_reach_the_config():
     config = config_from_args(args)
     assert (config.pruning_strategy, config.max_ppl_increase, config.sensitivity_mode,
             config.sensitivity_samples) == ("optimized", 0.25, "exact", 4)
+
+
+def test_cli_runs_the_optimized_strategy_with_the_gate(tmp_path, monkeypatch):
+    from gqaprune_core.cli import execute
+
+    monkeypatch.setenv("GQAPRUNE_CACHE", str(tmp_path / "cache"))
+    run = execute(["--base_model", "tiny", "--pruning_strategy", "optimized", "--prune_mlp",
+                   "--pruning_ratio", "0.3", "--min_pruning_rate", "0", "--max_pruning_rate",
+                   "0.9", "--importance_samples", "4", "--importance_seq_len", "16",
+                   "--num_examples", "4", "--seq_len", "24", "--sensitivity_samples", "3",
+                   "--sensitivity_seq_len", "16", "--sensitivity_fit_samples", "4",
+                   "--max_ppl_increase", "100", "--output_dir", str(tmp_path / "runs"),
+                   "--save_ckpt_log_name", "opt", "--quiet"])
+    report = run.report
+    assert report["gate"]["ratio"] == 0.3 and report["predicted"]["ratio"] >= 1.0
+    assert (tmp_path / "runs" / "opt" / "report.json").is_file()

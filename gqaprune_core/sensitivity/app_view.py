@@ -18,7 +18,7 @@ import pandas as pd
 from torch import nn
 
 from gqaprune_core.schedule import UnitAllocation
-from gqaprune_core.sensitivity.predict import Prediction, monotone, predict_kept
+from gqaprune_core.sensitivity.predict import Prediction, effective, predict_kept
 from gqaprune_core.sensitivity.profile import ProfileSettings, SensitivityProfile
 from gqaprune_core.sensitivity.store import sensitivity_profile
 
@@ -61,9 +61,9 @@ def compute_profile_for(config, model: nn.Module, tokenizer,
 
 def heatmap(profile: SensitivityProfile) -> tuple[list[list[float]], list[str], list[int]]:
     """``(z, x, y)``: perplexity ratio ``exp(loss)`` of each layer (rows, y) cut alone at each
-    MLP rate of the grid (columns, x labels in %), the curves made monotone as the predictor
-    uses them."""
-    z = [[math.exp(v) for v in monotone(row)] for row in profile.mlp_loss]
+    MLP rate of the grid (columns, x labels in %), the effective curves the predictor uses."""
+    z = [[math.exp(v) for v in effective(row, sigma)]
+         for row, sigma in zip(profile.mlp_loss, profile.mlp_sigma)]
     return z, [f"{round(100 * r)} %" for r in profile.mlp_rates], list(range(profile.layers))
 
 
@@ -71,8 +71,8 @@ def group_costs(profile: SensitivityProfile) -> pd.DataFrame:
     """Per layer, the perplexity ratio when only that layer loses its k weakest GQA groups
     (k = 1 .. G-1), as the predictor uses them."""
     rows = []
-    for layer, losses in enumerate(profile.group_loss):
-        curve = monotone(losses)
+    for layer, (losses, sigma) in enumerate(zip(profile.group_loss, profile.group_sigma)):
+        curve = effective(losses, sigma)
         for removed in range(1, len(curve)):
             rows.append({"layer": layer, "groups removed": removed,
                          "perplexity x dense": math.exp(curve[removed]),

@@ -8,8 +8,11 @@ Notation: L layers, G KV groups, I MLP width. For a schedule that removes ``g_l`
     ratio = exp(Σ)                        predicted perplexity / dense perplexity
     σ²    = Σ_l (σ_group² + σ_mlp²) + (MODEL_ERROR · Σ)²
 
-``mlp_curve_l`` interpolates the profile's grid linearly, made non-decreasing and non-negative
-(removing more channels never helps in expectation; small negative measurements are noise).
+``mlp_curve_l`` interpolates the profile's grid linearly over the *effective* losses
+``max(loss, sigma)`` made non-decreasing: a cut whose measured loss is within one standard
+error of zero (or below it: noise on ~1,000 tokens) counts as one standard error, so that a
+noisy layer does not look free (the optimizer would otherwise pour the budget into it);
+removing more never helps in expectation. The same holds for the groups.
 The first term of σ² is the sampling error of the profile windows; the second the error of the
 additive model itself, a constant measured by ``benchmarks/sensitivity.py predict`` (single-
 layer losses do not simply add when many layers are cut). The interval is
@@ -53,6 +56,12 @@ class Prediction:
                 "high": round(self.high, 4)}
 
 
+def effective(losses: Sequence[float], sigmas: Sequence[float]) -> list[float]:
+    """``max(loss, |sigma|)`` per point (0 where nothing is cut), made non-decreasing."""
+    return monotone([0.0 if i == 0 else max(v, abs(s))
+                     for i, (v, s) in enumerate(zip(losses, sigmas))])
+
+
 def monotone(values: Sequence[float]) -> list[float]:
     """``values`` clipped at 0 and made non-decreasing (running maximum)."""
     out, top = [], 0.0
@@ -82,7 +91,8 @@ def mlp_loss(profile: SensitivityProfile, layer: int, channels_removed: int
     if channels_removed == 0:
         return 0.0, 0.0
     rate = channels_removed / width
-    loss = _interpolate(profile.mlp_rates, monotone(profile.mlp_loss[layer]), rate)
+    loss = _interpolate(profile.mlp_rates,
+                        effective(profile.mlp_loss[layer], profile.mlp_sigma[layer]), rate)
     sigma = _interpolate(profile.mlp_rates, [abs(s) for s in profile.mlp_sigma[layer]], rate)
     return loss, sigma
 
@@ -94,7 +104,7 @@ def group_loss(profile: SensitivityProfile, layer: int, groups_removed: int
     if not 0 <= groups_removed < groups:
         raise ValueError(f"layer {layer}: cannot remove {groups_removed} of {groups} groups "
                          "(a layer keeps at least one)")
-    curve = monotone(profile.group_loss[layer])
+    curve = effective(profile.group_loss[layer], profile.group_sigma[layer])
     return curve[groups_removed], abs(profile.group_sigma[layer][groups_removed])
 
 
