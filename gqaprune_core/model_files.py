@@ -7,9 +7,11 @@ clear line instead of a traceback, an unpickled file, or a silently broken model
   and a file that it blocks (a pickle that would call a function) is reported in one line.
 - Tokenizer: a directory without vocabulary files is refused (transformers would build an
   empty tokenizer that fails much later with a misleading message).
+- Checkpoints: a pruned gqaprune checkpoint is not a plain model directory; one without its
+  ``gqaprune_plan.json`` is named as such (transformers would ask for remote code, or print
+  a table of mismatched shapes).
 - Shapes: stored tensor shapes are compared with ``config.json`` before transformers loads
-  them; a mismatch is what a pruned gqaprune checkpoint without its ``gqaprune_plan.json``
-  looks like, and the message says so.
+  them (a checkpoint of older gqaprune versions without its plan looks like that).
 - GGUF: a truncated or corrupt file is named, with what to do.
 
 Every error is a :class:`gqaprune_core.models.ModelLoadError` (a ``ValueError``).
@@ -21,6 +23,8 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
+
+from gqaprune_core.export.manifest import MANIFEST_NAME
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # transformers reads pickled weights only under these names
@@ -76,6 +80,24 @@ def guard_unpickling(path: Path, load: Callable[[], T]) -> T:
         raise _error(f"{path}: refused to unpickle the weights: the file asks to run code "
                      f"that torch's weights_only loader blocks ({blocked or 'unsafe content'});"
                      " do not load it, convert a trusted copy to safetensors") from None
+
+
+def check_not_a_checkpoint(path: Path) -> None:
+    """A gqaprune checkpoint (its config's ``model_type`` is ``gqaprune_*``, or it has the plan
+    or the manifest) is not a plain model directory: say what it is, and what is missing,
+    before transformers asks for ``trust_remote_code``."""
+    try:
+        declared = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # transformers names the unreadable config
+    model_type = str(declared.get("model_type", "")) if isinstance(declared, dict) else ""
+    marked = model_type.startswith("gqaprune") or (path / MANIFEST_NAME).is_file()
+    if (path / PLAN_NAME).is_file():
+        raise _error(f"{path} is a pruned gqaprune checkpoint: load it with "
+                     "gqaprune_core.checkpoint.load_pruned (or load_any)")
+    if marked:
+        raise _error(f"{path} is a pruned gqaprune checkpoint whose {PLAN_NAME} is missing; "
+                     "copy it back from the run directory, or re-save the model")
 
 
 def check_tokenizer_files(path: Path) -> None:

@@ -275,6 +275,7 @@ def _load_hf_dir(path: Path, dtype: torch.dtype, allow_pickle: bool = False,
 
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{path} has no config.json: not a Hugging Face model directory")
+    model_files.check_not_a_checkpoint(path)
     config = AutoConfig.from_pretrained(path)
     if getattr(config, "is_encoder_decoder", False) or not hasattr(config, "num_key_value_heads"):
         raise ModelLoadError(

@@ -333,8 +333,8 @@ def test_analyze_on_a_checkpoint_without_its_plan(tmp_path, capsys):
     capsys.readouterr()
     assert analyze.main(["--original_model", "tiny", "--pruned_model", str(model_dir)]) == 2
     err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and f"needs its {PLAN_NAME}" in err
-    assert "MISMATCH" not in err
+    assert len(err.strip().splitlines()) == 1 and f"whose {PLAN_NAME} is missing" in err
+    assert "MISMATCH" not in err and "trust_remote_code" not in err
 
 
 USAGE_ERRORS = {
