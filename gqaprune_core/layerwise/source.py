@@ -206,6 +206,7 @@ def open_model(source: ModelSource, device: torch.device, dtype: torch.dtype) ->
         raise ShardError(f"{source.path}: no lm_head.weight and the config does not tie it to "
                          "the embedding")
     inner.rotary_emb.to(device)
+    source.weights.close()  # unmap the files: mapped pages count as resident memory
     return model
 
 

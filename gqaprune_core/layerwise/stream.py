@@ -143,6 +143,9 @@ def layers_in_turn(model: nn.Module, source: ModelSource, device: torch.device,
             yield index, layer
         finally:
             release_layer(layer)
+            # safetensors maps the files: open handles keep every page read so far resident
+            # (the whole source by the last layer); closing them lets those pages go
+            source.weights.close()
         if on_step is not None:
             now, peak = memory_in_use(device)
             on_step(LayerStep(stage, index, len(order), time.perf_counter() - start, now, peak))
