@@ -28,9 +28,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent)]
 
 from common import RESULTS_DIR, Timer, header, log, read_json, set_threads, write_json  # noqa: E402
 from gqaprune_core.config import PRESETS  # noqa: E402
-from gqaprune_core.models import load_model  # noqa: E402
 from gqaprune_core.sensitivity.profile import ProfileSettings  # noqa: E402
-from gqaprune_core.sensitivity.store import sensitivity_profile  # noqa: E402
 
 
 def spearman(xs: list[float], ys: list[float]) -> float:

@@ -80,9 +80,12 @@ def prepare(args: argparse.Namespace, config: PruneConfig) -> Prepared:
                   if args.importance_config else None)
     checks.check_corpora(config, args.test_after_prune)
     start = time.perf_counter()
-    layerwise = _decide_layerwise(config)
+    from gqaprune_core.layerwise.pipeline import decide_layerwise
+    from gqaprune_core.layerwise.source import open_skeleton
+
+    layerwise = decide_layerwise(config)
     if layerwise:
-        model, tokenizer = _open_layerwise(config)
+        model, tokenizer = open_skeleton(config.base_model)
     else:
         model, tokenizer = load_model(config.base_model, config.device, config.dtype,
                                       allow_pickle=args.allow_pickle,
@@ -100,30 +103,6 @@ def prepare(args: argparse.Namespace, config: PruneConfig) -> Prepared:
     target, layer_range = checks.check_plan(config, model, len(shapes), importance)
     return Prepared(config, model, tokenizer, importance, load_seconds, shapes,
                     unit_costs(model), target, layer_range, layerwise)
-
-
-def _decide_layerwise(config: PruneConfig) -> bool:
-    """``--layerwise``: on (refused with the reason for settings that cannot stream), off, or
-    auto (layer-wise when the weights would not fit the device)."""
-    from gqaprune_core.layerwise.pipeline import check_streamable, use_layerwise
-
-    if config.layerwise == "on":
-        check_streamable(config)
-        if config.device_map is not None:
-            raise ValueError("--layerwise on brings one layer at a time onto --device; "
-                             "--device_map is for in-memory runs (use one or the other)")
-    return config.device_map is None and use_layerwise(config)
-
-
-def _open_layerwise(config: PruneConfig):
-    """A meta skeleton (shapes only, no weights) and the tokenizer of the source on disk."""
-    from gqaprune_core.layerwise.source import load_tokenizer, meta_skeleton, open_source
-
-    source = open_source(config.base_model)
-    try:
-        return meta_skeleton(source), load_tokenizer(source)
-    finally:
-        source.close()
 
 
 # ---- the run ---------------------------------------------------------------------------------

@@ -270,3 +270,17 @@ def layerwise_summary(output: Path, steps: list[LayerStep], device: torch.device
     return {"output": str(output.resolve()), "device": str(device), "peak_memory_bytes": peak,
             "stages": summary}
 
+
+def decide_layerwise(config: PruneConfig) -> bool:
+    """``config.layerwise``: ``"on"`` (settings that cannot stream are refused with the reason),
+    ``"off"``, or ``"auto"`` (layer-wise when the weights would not fit the device).
+
+    Raises:
+        ValueError: ``"on"`` with settings that cannot stream, or together with a device map.
+    """
+    if config.layerwise == "on":
+        check_streamable(config)
+        if config.device_map is not None:
+            raise ValueError("--layerwise on brings one layer at a time onto --device; "
+                             "--device_map is for in-memory runs (use one or the other)")
+    return config.device_map is None and use_layerwise(config)

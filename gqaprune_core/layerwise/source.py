@@ -227,3 +227,12 @@ def load_layer(model: nn.Module, source: ModelSource, index: int, device: torch.
 def release_layer(layer: nn.Module) -> None:
     """Put a layer's parameters back on the meta device (its memory is freed)."""
     layer.to("meta")
+
+
+def open_skeleton(source: str | os.PathLike) -> tuple[nn.Module, object]:
+    """A meta skeleton (shapes only, no weights) and the tokenizer of ``source`` on disk."""
+    opened = open_source(source)
+    try:
+        return meta_skeleton(opened), load_tokenizer(opened)
+    finally:
+        opened.close()
