@@ -13,8 +13,9 @@ greatest common divisor of all option costs, so the DP is exact, unless that nee
 MAX_UNITS cells: then in channel blocks (13,824 parameters on the demo model; a GQA group, 21.3
 blocks, is rounded to 21). The DP returns the least total loss among the costs within half a
 block of the budget; a final pass adds or removes single channel blocks, cheapest in predicted
-loss first, until the true parameter count is within half a block of the budget. How the budget splits between
-attention and MLP follows from the measured loss per parameter, not from a rule.
+loss first, until the true parameter count is within half a block of the budget. How the
+budget splits between attention and MLP follows from the measured loss per parameter, not
+from a rule.
 """
 
 from __future__ import annotations
