@@ -73,7 +73,7 @@ def _hidden_input(args: tuple, kwargs: dict) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class _LayerCall:
+class LayerCall:
     """How the model called one decoder layer: the hidden input and every other argument."""
 
     hidden: torch.Tensor  # (B, T, E)
@@ -87,15 +87,15 @@ class _LayerCall:
         return layer_output(layer(**(self.kwargs | {"hidden_states": hidden})))
 
 
-def _record_calls(model: nn.Module, ids: torch.Tensor) -> tuple[list[_LayerCall], torch.Tensor]:
+def record_calls(model: nn.Module, ids: torch.Tensor) -> tuple[list[LayerCall], torch.Tensor]:
     """One pass of ``ids`` (B, T) through the decoder recording every layer's call; returns the L
     calls and the final (normalized) hidden states (B, T, E). The hooks are removed even if the
     pass fails."""
-    calls: list[_LayerCall | None] = [None] * len(decoder_layers(model))
+    calls: list[LayerCall | None] = [None] * len(decoder_layers(model))
 
     def make_hook(index: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            calls[index] = _LayerCall(_hidden_input(args, kwargs), args, dict(kwargs))
+            calls[index] = LayerCall(_hidden_input(args, kwargs), args, dict(kwargs))
         return hook
 
     handles = [layer.register_forward_pre_hook(make_hook(i), with_kwargs=True)
@@ -122,7 +122,7 @@ def _removal_batch(model: nn.Module, ids: torch.Tensor, tick: Callable[[], None]
                    ) -> tuple[float, list[float]]:
     """Summed NLL of ``ids`` (B, T) with all layers, and with each layer bypassed in turn."""
     layers = decoder_layers(model)
-    calls, final = _record_calls(model, ids)
+    calls, final = record_calls(model, ids)
     base = _nll_sum(model, final, ids, normalized=True)
     bypassed = []
     for skipped in range(len(layers)):

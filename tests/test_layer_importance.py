@@ -14,7 +14,7 @@ import gqaprune_core.layer_importance as importance_module
 from gqaprune_core.evaluate import perplexity
 from gqaprune_core.layer_importance import (
     LayerImportance,
-    _record_calls,
+    record_calls,
     compute_layer_importance,
     layer_importance,
     load_importance_config,
@@ -65,7 +65,7 @@ def assert_no_hooks(model):
 def test_manual_layers_reproduce_forward(make_tiny, variant):
     model, ids = make_tiny(variant), calibration()
     with torch.no_grad():
-        calls, final = _record_calls(model, ids)
+        calls, final = record_calls(model, ids)
         hidden = calls[0].hidden
         for call, layer in zip(calls, decoder_layers(model)):
             hidden = call.run(layer, hidden)

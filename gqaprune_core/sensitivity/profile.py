@@ -45,7 +45,7 @@ from torch import nn
 from gqaprune_core.compensate import channel_energy, refit_down
 from gqaprune_core.evaluate import nll_from_hidden
 from gqaprune_core.geometry import group_indices
-from gqaprune_core.layer_importance import _record_calls  # the shared prefix-reuse machinery
+from gqaprune_core.layer_importance import record_calls  # the shared prefix-reuse machinery
 from gqaprune_core.models import LayerLayout, decoder_layers, layout
 from gqaprune_core.plan import LayerPlan, top_k
 from gqaprune_core.surgery import cut_layer_
@@ -227,7 +227,7 @@ def held_out_pass(model: nn.Module, ids: torch.Tensor) -> HeldOut:
     handles = _gram_hooks(model, mlp_grams, attn_grams, torch.float32)
     ids = ids.to(next(model.parameters()).device)
     try:
-        calls, final = _record_calls(model, ids)
+        calls, final = record_calls(model, ids)
     finally:
         for handle in handles:
             handle.remove()
