@@ -10,8 +10,9 @@ which is what ``transformers``, ``accelerate``, vLLM and llama.cpp's converter r
 at most ``max_shard_bytes`` of tensor data (5 GB by default, as ``save_pretrained``), except a
 single tensor larger than that, which gets a shard of its own.
 
-:class:`ShardWriter` streams: it keeps at most one shard's tensors in memory, so a model can be
-written layer by layer (the layer-wise pipeline) without ever being whole. :class:`LazyWeights`
+:class:`ShardWriter` streams: each tensor's bytes go to disk as it is added, so it holds one tensor
+(plus the open shard's names, shapes and offsets) in memory, and a model can be written layer by
+layer (the layer-wise pipeline) without ever being whole. :class:`LazyWeights`
 reads one tensor at a time from either layout. Nothing is unpickled.
 """
 
@@ -67,6 +68,41 @@ def tensor_bytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
+SAFETENSORS_DTYPES = {  # the dtypes ShardWriter stores, by their names in a safetensors header
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+    torch.uint8: "U8", torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2"}
+COPY_CHUNK_BYTES = 1 << 24  # the buffer when the OS cannot copy file to file by itself
+
+
+def _write_all(file, data) -> None:
+    """Write every byte of ``data`` to an unbuffered file (whose ``write`` may be partial)."""
+    view = memoryview(data).cast("B")
+    while view:
+        view = view[file.write(view):]
+
+
+def _append_file(source: Path, target) -> None:
+    """Append ``source`` to the unbuffered ``target`` in bounded chunks, kernel-side if it can."""
+    with open(source, "rb", buffering=0) as src:
+        remaining = os.fstat(src.fileno()).st_size
+        try:
+            while remaining and hasattr(os, "copy_file_range"):
+                copied = os.copy_file_range(src.fileno(), target.fileno(), min(remaining, 1 << 30))
+                if copied == 0:
+                    break
+                remaining -= copied
+        except OSError:
+            pass  # e.g. a file system without it: continue below from where it stopped
+        while remaining:
+            chunk = src.read(min(remaining, COPY_CHUNK_BYTES))
+            if not chunk:
+                raise OSError(f"{source} ended {remaining} bytes early")
+            _write_all(target, chunk)
+            remaining -= len(chunk)
+
+
 class ShardWriter:
     """Write tensors into ``directory`` as shards of at most ``max_shard_bytes``.
 
@@ -77,10 +113,17 @@ class ShardWriter:
                 writer.add(name, tensor)
         writer.files  # the file names written, in order
 
-    Shards are written under provisional names and renamed when the count is known (on
-    ``close``); with one shard the file is ``model.safetensors`` and no index is written. The
-    directory should be a staging folder that is published as a whole: an exception leaves the
-    provisional files behind for the caller's cleanup.
+    Memory: the tensor being added (a CPU copy if it was elsewhere or not contiguous) and the
+    open shard's header: names, dtypes, shapes, offsets. ``add`` appends the bytes to
+    ``.shard-0000i.data.partial``; a full shard (or ``close``) writes the header to
+    ``.shard-0000i.partial``, appends the data file in chunks, deletes it. Tensors lie in the
+    order added (``save_file`` sorts by dtype and name; readers follow the header's offsets).
+    Bytes are in host order: safetensors is little-endian, as x86 and ARM are.
+
+    Shards are renamed when the count is known (on ``close``); with one shard the file is
+    ``model.safetensors`` and no index is written. The directory should be a staging folder
+    that is published as a whole: an exception leaves the provisional files behind for the
+    caller's cleanup.
     """
 
     def __init__(self, directory: str | os.PathLike, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
@@ -90,42 +133,70 @@ class ShardWriter:
         self.directory = Path(directory)
         self.max_shard_bytes = max_shard_bytes
         self.metadata = {"format": "pt", **(metadata or {})}
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.metadata.items()):
+            raise ValueError(f"safetensors metadata must map str to str, got {self.metadata!r}")
         self.files: list[str] = []
         self.weight_map: dict[str, str] = {}
         self.total_size = 0
-        self._pending: dict[str, torch.Tensor] = {}
+        self._entries: dict[str, dict] = {}  # the open shard's header entries, in order
         self._pending_bytes = 0
         self._provisional: list[Path] = []
         self._closed = False
 
+    def _shard_path(self, suffix: str) -> Path:
+        return self.directory / f".shard-{len(self._provisional) + 1:05d}{suffix}"
+
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        """Queue one tensor (copied to CPU, contiguous); writes a shard when this one is full."""
+        """Append one tensor's bytes to the open shard; starts a new shard when it is full.
+
+        Raises:
+            ValueError: ``name`` was added before or is ``__metadata__``, or a dtype that
+                safetensors cannot store (see :data:`SAFETENSORS_DTYPES`).
+        """
         if self._closed:
             raise RuntimeError("ShardWriter is closed")
-        if name in self.weight_map or name in self._pending:
+        if name in self.weight_map or name in self._entries:
             raise ValueError(f"tensor {name!r} added twice")
+        if name == "__metadata__":
+            raise ValueError("a tensor cannot be named '__metadata__' in safetensors")
+        if tensor.dtype not in SAFETENSORS_DTYPES:
+            raise ValueError(f"tensor {name!r} has dtype {tensor.dtype}, which safetensors "
+                             f"cannot store (it stores {sorted(map(str, SAFETENSORS_DTYPES))})")
         size = tensor_bytes(tensor)
-        if self._pending and self._pending_bytes + size > self.max_shard_bytes:
+        if self._entries and self._pending_bytes + size > self.max_shard_bytes:
             self._flush()
-        self._pending[name] = tensor.detach().to("cpu").contiguous()
+        # A uint8 view of the CPU copy; no numpy dtype is needed, so bf16 and float8 work too.
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        mode = "ab" if self._entries else "wb"  # a new shard starts an empty data file
+        with open(self._shard_path(".data.partial"), mode, buffering=0) as file:
+            _write_all(file, data)
+        self._entries[name] = {"dtype": SAFETENSORS_DTYPES[tensor.dtype],
+                               "shape": list(tensor.shape),
+                               "data_offsets": [self._pending_bytes, self._pending_bytes + size]}
         self._pending_bytes += size
         self.total_size += size
 
     def _flush(self) -> None:
-        from safetensors.torch import save_file
-
-        path = self.directory / f".shard-{len(self._provisional) + 1:05d}.partial"
-        save_file(self._pending, str(path), metadata=self.metadata)
+        """Header, then the data file: the open shard as a safetensors file."""
+        header = json.dumps({"__metadata__": self.metadata, **self._entries},
+                            separators=(",", ":"), ensure_ascii=False).encode()
+        header += b" " * (-len(header) % 8)  # 8 + len(header) aligned to 8, as safetensors does
+        path, data = self._shard_path(".partial"), self._shard_path(".data.partial")
+        with open(path, "wb", buffering=0) as file:
+            _write_all(file, len(header).to_bytes(8, "little") + header)
+            if data.exists():
+                _append_file(data, file)
+        data.unlink(missing_ok=True)
         self._provisional.append(path)
-        self.weight_map.update(dict.fromkeys(self._pending, path.name))
-        self._pending, self._pending_bytes = {}, 0
+        self.weight_map.update(dict.fromkeys(self._entries, path.name))
+        self._entries, self._pending_bytes = {}, 0
 
     def close(self) -> list[str]:
         """Write the last shard, give every shard its final name, write the index; returns the
         file names (weights, then the index if any)."""
         if self._closed:
             return self.files
-        if self._pending or not self._provisional:
+        if self._entries or not self._provisional:
             self._flush()
         count = len(self._provisional)
         final = {p.name: (SINGLE_NAME if count == 1 else shard_name(i, count))
