@@ -275,13 +275,17 @@ def _run(args: argparse.Namespace, argv: Sequence[str], prep: Prepared,
     bars = ProgressBars(enabled=not args.quiet)
     try:
         if prep.layerwise:
+            from gqaprune_core.checkpoint import DEFAULT_MAX_SHARD_SIZE
+            from gqaprune_core.export.shards import parse_size
             from gqaprune_core.layerwise.pipeline import run_layerwise
 
             log.info("layer-wise: one decoder layer at a time from %s (the model is always "
                      "written, to %s)", prep.config.base_model, paths.model)
             result = run_layerwise(prep.config, paths.model, importance=prep.importance,
                                    evaluate=args.test_after_prune, overwrite=args.overwrite,
-                                   progress=bars, on_step=bars.step)
+                                   progress=bars, on_step=bars.step,
+                                   max_shard_bytes=parse_size(args.max_shard_size
+                                                              or DEFAULT_MAX_SHARD_SIZE))
         else:
             result = run_pipeline(prep.config, prep.model, prep.tokenizer,
                                   importance=prep.importance, copy_model=False,

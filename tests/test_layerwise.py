@@ -217,7 +217,8 @@ def test_cli_layerwise_writes_the_model_and_reports_layers(make_tiny, tmp_path):
 
     _, _, path = _saved(make_tiny, tmp_path)
     run = cli.execute(_cli_args(path, tmp_path / "runs", "--layerwise", "on",
-                                "--save_ckpt_log_name", "lw", "--test_after_prune"))
+                                "--save_ckpt_log_name", "lw", "--test_after_prune",
+                                "--max_shard_size", "20KB"))
     in_memory = cli.execute(_cli_args(path, tmp_path / "runs", "--layerwise", "off",
                                       "--save_ckpt_log_name", "mem", "--test_after_prune",
                                       "--save_model"))
@@ -229,6 +230,9 @@ def test_cli_layerwise_writes_the_model_and_reports_layers(make_tiny, tmp_path):
         assert run.report["ppl_after"][corpus]["value"] == pytest.approx(entry["value"])
     loaded, _ = load_pruned(tmp_path / "runs" / "lw" / "model")
     assert layout(loaded) == layout(in_memory.result.model)
+    # --max_shard_size applies layer-wise too: the tiny model's weights exceed 20 KB
+    shards = sorted(p.name for p in (tmp_path / "runs" / "lw" / "model").glob("*.safetensors"))
+    assert len(shards) > 1 and shards[0].startswith("model-00001-of-")
 
 
 def test_cli_refuses_taylor_layerwise_in_one_line(make_tiny, tmp_path, capsys):

@@ -4,8 +4,8 @@
       → [perplexity before, streamed] → cut + re-fit each layer, written into output shards
       (pass 2) → [perplexity after, streamed from the output] → report
 
-Memory at any time: the embedding and LM head, one decoder layer (two while the writer holds
-the previous one), the calibration hidden states (on CPU, one batch on the device at a time)
+Memory at any time: the embedding and LM head, one decoder layer (the shard writer puts each
+tensor on disk as it comes), the calibration hidden states (on CPU, one batch on the device at a time)
 and the Gram matrix of one MLP. Same plan and, up to float rounding, same weights as
 :func:`gqaprune_core.pipeline.run_pipeline` for the settings that stream
 (:func:`check_streamable`).
@@ -24,6 +24,7 @@ from torch import nn
 
 from gqaprune_core.config import PruneConfig
 from gqaprune_core.data import calibration_batch
+from gqaprune_core.export.shards import DEFAULT_MAX_SHARD_BYTES
 from gqaprune_core.layer_importance import LayerImportance
 from gqaprune_core.layerwise.evaluate import streamed_corpora
 from gqaprune_core.layerwise.importance import streamed_importance
@@ -39,7 +40,6 @@ from gqaprune_core.schedule import UnitAllocation
 
 MEMORY_MARGIN = 1.3  # in memory: weights x this + MEMORY_RESERVE must fit the free memory
 MEMORY_RESERVE = 2 * 2**30  # activations, the LM head's logits, the allocator's slack
-LAYERWISE_SHARD_BYTES = 10**9  # the writer holds up to one shard in RAM (twice while writing it)
 
 
 def check_streamable(config: PruneConfig) -> None:
@@ -165,12 +165,13 @@ def run_layerwise(config: PruneConfig, output: str | os.PathLike, *,
                   importance: LayerImportance | None = None, evaluate: bool = True,
                   overwrite: bool = False, progress: Progress | None = None,
                   on_step: OnStep | None = None, batch_size: int = 8,
-                  max_shard_bytes: int = LAYERWISE_SHARD_BYTES) -> PipelineResult:
+                  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> PipelineResult:
     """Prune ``config.base_model`` from its weights on disk into the checkpoint ``output``.
 
     Args:
         importance: layer scores to reuse (else one streamed pass computes them).
         batch_size: calibration windows per device batch in the cut pass.
+        max_shard_bytes: the most tensor bytes per output file (memory does not depend on it).
         on_step: gets a :class:`LayerStep` (index, seconds, memory) after every layer of every
             stage; ``progress(stage, done, total)`` counts layers.
 
