@@ -302,8 +302,9 @@ def _refuse_offload(model: nn.Module, source: str) -> None:
             f"device_map put {len(offloaded)} tensors of {source!r} (e.g. {offloaded[0]}) in "
             "CPU or disk offload: max_memory of the GPUs is below the model's size. gqaprune "
             "cuts weights in place and scores them with gradients, which offloaded weights do "
-            "not allow: raise --max_memory, add GPUs, or use --layerwise on (it streams the "
-            "weights from disk by design)")
+            "not allow: raise --max_memory, add GPUs, or stream the model layer by layer "
+            "(--layerwise auto does so when it foresees the offload; --layerwise on without "
+            "--device_map always does)")
 
 
 def load_model(source: str | os.PathLike = "demo", device: str = "auto",

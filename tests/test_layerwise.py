@@ -292,11 +292,34 @@ def test_dispatched_model_prunes_like_a_plain_one(make_tiny, tmp_path, setting):
         plain.report["ppl_after"]["demo"]["value"], rel=1e-5)
 
 
+def test_auto_streams_a_model_that_dispatch_would_offload(make_tiny, tmp_path):
+    """--device_map auto within too little --max_memory would offload weights to disk, which
+    in-place cuts cannot use: --layerwise auto foresees it and streams the model instead (the
+    same plan as in memory); with room enough it stays in memory; --layerwise off is refused."""
+    from gqaprune_core import cli
+    from gqaprune_core.layerwise.pipeline import decide_layerwise, dispatch_would_offload
+
+    _, _, path = _saved(make_tiny, tmp_path)
+    tight = SETTINGS["default"].with_(base_model=str(path), device_map="auto",
+                                      max_memory="cpu=20KiB,disk=1GiB")
+    assert dispatch_would_offload(tight) and decide_layerwise(tight)
+    roomy = tight.with_(max_memory="cpu=4GiB")
+    assert not dispatch_would_offload(roomy) and not decide_layerwise(roomy)
+    assert not decide_layerwise(tight.with_(layerwise="off"))
+    run = cli.execute(_cli_args(path, tmp_path / "runs", "--device_map", "auto",
+                                "--max_memory", "cpu=20KiB,disk=1GiB", "--save_ckpt_log_name",
+                                "spread"))
+    in_memory = cli.execute(_cli_args(path, tmp_path / "runs", "--save_ckpt_log_name", "mem"))
+    assert "layerwise" in run.report and run.result.plan == in_memory.result.plan
+    assert cli.main(_cli_args(path, tmp_path / "runs", "--device_map", "auto", "--max_memory",
+                              "cpu=20KiB,disk=1GiB", "--layerwise", "off")) == 1
+
+
 def test_offloaded_weights_are_refused_with_what_to_do(make_tiny, tmp_path):
     from gqaprune_core.models import load_model, parse_max_memory
 
     _, _, path = _saved(make_tiny, tmp_path)
-    with pytest.raises(ModelLoadError, match="offload.*--layerwise on"):
+    with pytest.raises(ModelLoadError, match="offload.*--layerwise auto"):
         load_model(path, "cpu", device_map="auto", max_memory="cpu=20KiB,disk=1GiB")
     assert parse_max_memory("0=20GiB, 1=20GiB,cpu=64GiB") == {0: "20GiB", 1: "20GiB",
                                                               "cpu": "64GiB"}

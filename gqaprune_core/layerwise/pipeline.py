@@ -274,7 +274,8 @@ def layerwise_summary(output: Path, steps: list[LayerStep], device: torch.device
 
 def decide_layerwise(config: PruneConfig) -> bool:
     """``config.layerwise``: ``"on"`` (settings that cannot stream are refused with the reason),
-    ``"off"``, or ``"auto"`` (layer-wise when the weights would not fit the device).
+    ``"off"``, or ``"auto"`` (layer-wise when the weights would not fit the device; with a
+    device map, when accelerate would offload weights, see :func:`dispatch_would_offload`).
 
     Raises:
         ValueError: ``"on"`` with settings that cannot stream, or together with a device map.
@@ -284,4 +285,32 @@ def decide_layerwise(config: PruneConfig) -> bool:
         if config.device_map is not None:
             raise ValueError("--layerwise on brings one layer at a time onto --device; "
                              "--device_map is for in-memory runs (use one or the other)")
-    return config.device_map is None and use_layerwise(config)
+    if config.device_map is None:
+        return use_layerwise(config)
+    return config.layerwise == "auto" and dispatch_would_offload(config)
+
+
+def dispatch_would_offload(config: PruneConfig) -> bool:
+    """Whether accelerate's ``device_map="auto"`` within ``config.max_memory`` would offload
+    weights (to disk, or to CPU beside GPUs): gqaprune cuts weights in place, which offloaded
+    weights do not allow, so ``--layerwise auto`` streams the model instead. False for
+    settings or sources that cannot stream (the in-memory load then says what is wrong)."""
+    from accelerate import infer_auto_device_map
+
+    from gqaprune_core.models import parse_max_memory
+
+    try:
+        check_streamable(config)
+        source = open_source(config.base_model)
+    except ValueError:  # ModelLoadError included
+        return False
+    try:
+        skeleton = meta_skeleton(source)
+    finally:
+        source.close()
+    places = set(infer_auto_device_map(
+        skeleton, max_memory=parse_max_memory(config.max_memory),
+        no_split_module_classes=skeleton._no_split_modules,
+        dtype=pick_dtype(pick_device(config.device), config.dtype)).values())
+    on_gpu = any(not isinstance(place, str) or place.startswith("cuda") for place in places)
+    return "disk" in places or (on_gpu and "cpu" in places)
