@@ -83,12 +83,12 @@ def _statistics(layer: nn.Module, batches: HiddenBatches, dense: list[torch.Tens
     def mlp_hook(module: nn.Module, args: tuple) -> None:
         nonlocal gram, drift
         h = mlp_activations(mlp, args[0])
-        gram = h.T @ h if gram is None else gram + h.T @ h
+        gram = h.T @ h if gram is None else gram.addmm_(h.T, h)  # in place: one (I, I) at a time
         if dense is not None:
             target = dense[state["batch"]].to(h.device).reshape(-1, dense[0].shape[-1])
             missing = (target.double() - state.pop("before").double()
                        - h @ mlp.down_proj.weight.double().T)
-            drift = h.T @ missing if drift is None else drift + h.T @ missing
+            drift = h.T @ missing if drift is None else drift.addmm_(h.T, missing)
         raise _StopLayer
 
     handles = [mlp.register_forward_pre_hook(mlp_hook)]
