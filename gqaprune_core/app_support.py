@@ -2,6 +2,8 @@
 
 Nothing here imports streamlit (nor plotly: the figures live in ``pages/_charts.py``), so the
 app's logic is testable without a UI and importing ``gqaprune_core`` never pulls in the UI.
+The layer-wise prune job lives in :mod:`gqaprune_core.app_layerwise`, the Export actions (save,
+GGUF) in :mod:`gqaprune_core.app_export`.
 Notation: L layers, H query heads, G KV heads (groups), D head_dim, I MLP width.
 
 The model a page works on is shared by every user of the app (``st.cache_resource``), so:
@@ -16,12 +18,10 @@ from __future__ import annotations
 
 import copy
 import os
-import re
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -374,7 +374,8 @@ class PruneRun:
     seconds: float
     number: int = 0
     split: BudgetSplit | None = None  # the removed parameters by part (see plan_split)
-    # a layer-wise run's checkpoint on disk (its ``model`` is then None: never in memory)
+    # a layer-wise run's checkpoint on disk (its ``model`` is then None: never in memory); its
+    # run folder stays locked against clean-up while this object lives (app_layerwise)
     checkpoint: Path | None = None
 
     @property
@@ -387,67 +388,18 @@ class PruneRun:
                 f"{parts} {c.unit_importance}{recovery}")
 
 
-def prune_layerwise_instead(config: PruneConfig, model: nn.Module) -> bool:
-    """Whether a pruning job should stream the base model's weights from disk layer by layer
-    instead of deep-copying the shared model: ``layerwise="on"``, or ``"auto"`` when a copy
-    would not fit beside it on its device (and the source is on disk and the settings stream).
-    """
-    from gqaprune_core.layerwise.pipeline import (check_streamable, free_memory,
-                                                  needs_layerwise)
-    from gqaprune_core.layerwise.source import resolve_source
-
-    if config.layerwise == "off":
-        return False
-    try:
-        check_streamable(config)
-        resolve_source(config.base_model)
-    except ValueError:
-        if config.layerwise == "on":
-            raise
-        return False
-    if config.layerwise == "on":
-        return True
-    device = next(model.parameters()).device
-    return needs_layerwise(memory_bytes(model), free_memory(device))
-
-
-def _layerwise_job(config: PruneConfig, model: nn.Module, tokenizer,
-                   importance: LayerImportance | None, prompt: str, max_new_tokens: int,
-                   progress: Callable[[str, int, int], None]) -> PruneRun:
-    """Prune from the weights on disk into a checkpoint under ``cache/app_runs/``; the shared
-    model is only read (to generate before), never copied."""
-    from gqaprune_core.layerwise.pipeline import run_layerwise
-    from gqaprune_core.models import cache_dir
-
-    start = time.perf_counter()
-    progress("generate before", 0, 1)
-    with SHARED_MODEL_LOCK:
-        text_before = greedy_generate(model, tokenizer, prompt, max_new_tokens)
-    costs = unit_costs(model)
-    output = cache_dir() / "app_runs" / f"run-{datetime.now():%Y%m%d-%H%M%S-%f}"
-
-    def on_step(step) -> None:
-        progress(f"{step.stage} (layer-wise, {step.seconds:.1f} s/layer, "
-                 f"{step.memory_bytes / 2**30:.1f} GiB in use)", step.index + 1, step.total)
-
-    result = run_layerwise(config, output, importance=importance, on_step=on_step)
-    text_after = (f"(pruned layer by layer into {output}; not loaded beside the base model — "
-                  "save it on Export and load it with load_pruned to generate)")
-    return PruneRun(config, result.report, result.plan, None, copy.deepcopy(tokenizer), prompt,
-                    text_before, text_after, time.perf_counter() - start,
-                    split=plan_split(result.plan, costs), checkpoint=output)
-
-
 def prune_job(config: PruneConfig, model: nn.Module, tokenizer, importance: LayerImportance | None,
               prompt: str, max_new_tokens: int, progress: Callable[[str, int, int], None],
               profile=None) -> PruneRun:
     """Copy the shared model, prune and evaluate the copy, and generate before and after; or,
-    when a copy would not fit (:func:`prune_layerwise_instead`), prune layer-wise from disk.
+    when a copy would not fit (:func:`~gqaprune_core.app_layerwise.prune_layerwise_instead`),
+    prune layer-wise from disk.
     With a sensitivity ``profile`` the report also holds the predicted perplexity."""
+    from gqaprune_core.app_layerwise import layerwise_job, prune_layerwise_instead
     from gqaprune_core.pipeline import run_pipeline
 
     if prune_layerwise_instead(config, model):
-        return _layerwise_job(config, model, tokenizer, importance, prompt, max_new_tokens,
+        return layerwise_job(config, model, tokenizer, importance, prompt, max_new_tokens,
                               progress)
     start = time.perf_counter()
     progress("copy model", 0, 1)
@@ -548,74 +500,3 @@ def runs_table(runs: Sequence[PruneRun]) -> pd.DataFrame:
         row["seconds"] = round(run.seconds, 1)
         rows.append(row)
     return pd.DataFrame(rows)
-
-
-def run_directory_name(run: PruneRun, now: datetime | None = None) -> str:
-    """A plain directory name such as ``app-demo-20pct-20250101-120000``."""
-    stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(str(run.config.base_model)).name).strip("-.")
-    stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
-    return f"app-{stem or 'model'}-{round(100 * run.config.pruning_ratio)}pct-{stamp}"
-
-
-def save_run(run: PruneRun, name: str, output_dir: str | os.PathLike = "prune_log") -> Path:
-    """Write ``OUTPUT_DIR/NAME/model/`` (checkpoint) and ``report.json``, like the CLI.
-
-    The directory is locked while it is written (:mod:`gqaprune_core.runlock`), so two
-    sessions, or a session and a command-line run, saving under one name never mix files.
-
-    Raises:
-        ValueError: a bad name, an existing non-empty target, a directory another save or run
-            holds (``RunBusyError``), or a run without its model.
-    """
-    from gqaprune_core.checkpoint import save_pruned
-    from gqaprune_core.export.model_card import CardInfo
-    from gqaprune_core.outputs import MODEL_DIR_NAME, REPORT_NAME, run_paths, write_json_atomic
-    from gqaprune_core.runlock import lock_run_dir
-
-    if run.model is None and run.checkpoint is None:
-        raise ValueError(f"run {run.number}'s model is no longer in memory; run it again to save it")
-    paths = run_paths(output_dir, name.strip(), "app")
-    card = CardInfo(base_model=run.config.base_model, settings=run.config.to_dict(),
-                    report=run.report)  # the app has no command line to show
-    with lock_run_dir(paths.root):
-        if (paths.root / REPORT_NAME).exists() or (paths.root / MODEL_DIR_NAME).exists():
-            raise ValueError(f"{str(paths.root)!r} already holds a saved run; choose another name")
-        if run.model is None:  # a layer-wise run: its checkpoint is on disk already
-            _copy_checkpoint(run.checkpoint, paths.model)
-        else:
-            save_pruned(run.model, run.tokenizer, run.plan, paths.model, card=card)
-        write_json_atomic(paths.report, run.report)
-    return paths.root
-
-
-def _copy_checkpoint(source: Path, target: Path) -> None:
-    """Copy a finished checkpoint folder under one rename: never a half-copied model."""
-    import shutil
-
-    staging = target.with_name(f".{target.name}.copying-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(source, staging)
-    os.replace(staging, target)
-
-
-GGUF_OUT_TYPES = ("q8_0", "f16", "q4_k_m", "bf16", "f32")  # the page's order: a sane default first
-
-
-def export_run_gguf(run: PruneRun, name: str, outtype: str,
-                    output_dir: str | os.PathLike = "prune_log") -> Path:
-    """Write ``OUTPUT_DIR/NAME/model-OUTTYPE.gguf`` for llama.cpp / ollama (see export.gguf).
-
-    Raises:
-        ValueError: a bad name, a run without its model, an existing file, or a model or
-            tokenizer that GGUF cannot hold (GgufExportError, TokenizerConversionError).
-    """
-    from gqaprune_core.export.gguf import write_gguf
-    from gqaprune_core.outputs import run_paths
-
-    if run.model is None:
-        raise ValueError(f"run {run.number}'s model is no longer in memory; run it again to "
-                         "export it")
-    target = run_paths(output_dir, name.strip(), "app").root / f"model-{outtype}.gguf"
-    return write_gguf(run.model, run.tokenizer, target, outtype,
-                      name=f"{Path(str(run.config.base_model)).name} pruned "
-                           f"{run.config.pruning_ratio:.0%} (gqaprune)").path

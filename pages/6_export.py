@@ -6,6 +6,7 @@ import json
 
 import streamlit as st
 
+from gqaprune_core import app_export as export
 from gqaprune_core import app_support as support
 from pages import _charts, _ui
 
@@ -34,7 +35,7 @@ if run.model is None and run.checkpoint is None:
     st.warning("This run's model is no longer in memory (only the last few are kept); its plan "
                "and report can still be downloaded below.")
 else:
-    name = st.text_input("Directory under prune_log/", support.run_directory_name(run),
+    name = st.text_input("Directory under prune_log/", export.run_directory_name(run),
                          key=f"export_name_{run.number}",
                          help="Holds model/ (safetensors weights, config, GQA plan, tokenizer, "
                               "model card, SHA-256 manifest) and report.json, like a "
@@ -42,7 +43,7 @@ else:
     if st.button("Save", type="primary"):
         try:
             with st.spinner("Saving…"):
-                saved = support.save_run(run, name)
+                saved = export.save_run(run, name)
         except (ValueError, OSError) as err:
             st.error(f"Could not save: {err}")
         else:
@@ -58,14 +59,14 @@ else:
 
 st.subheader("GGUF for llama.cpp / ollama")
 if run.model is not None:
-    gguf_type = st.selectbox("Out type", support.GGUF_OUT_TYPES, key=f"gguf_type_{run.number}",
+    gguf_type = st.selectbox("Out type", export.GGUF_OUT_TYPES, key=f"gguf_type_{run.number}",
                              help="q8_0: 8-bit, close to the original; q4_k_m: llama.cpp's "
                                   "4-bit quantizer; f16/bf16/f32: unquantized. Layers with "
                                   "different shapes are written as llama.cpp's `deci`.")
     if st.button("Export GGUF", key=f"gguf_export_{run.number}"):
         try:
             with st.spinner("Writing GGUF…"):
-                gguf_path = support.export_run_gguf(run, name, gguf_type)
+                gguf_path = export.export_run_gguf(run, name, gguf_type)
         except (ValueError, OSError) as err:
             st.error(f"Could not export GGUF: {err}")
         else:

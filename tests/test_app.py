@@ -369,7 +369,8 @@ def test_importing_the_library_never_imports_streamlit():
     import subprocess
     import sys
 
-    code = ("import sys, gqaprune_core, gqaprune_core.app_support; "
+    code = ("import sys, gqaprune_core, gqaprune_core.app_support, "
+            "gqaprune_core.app_layerwise, gqaprune_core.app_export; "
             "sys.exit('streamlit' in sys.modules or 'plotly' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], cwd=Path(APP).parent).returncode == 0
 

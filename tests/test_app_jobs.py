@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from gqaprune_core import app_support, jobs
+from gqaprune_core import app_export, app_support, jobs
 from gqaprune_core.config import PRESETS
 from gqaprune_core.models import count_parameters, load_model
 
@@ -183,6 +183,6 @@ def test_saving_under_a_name_another_save_holds_is_refused(tmp_path):
                                 model, tokenizer, None, "", 0, lambda *a: None)
     with runlock.lock_run_dir(tmp_path / "shared"):
         with pytest.raises(ValueError, match="in use by another gqaprune run"):
-            app_support.save_run(run, "shared", tmp_path)
+            app_export.save_run(run, "shared", tmp_path)
     assert list((tmp_path / "shared").iterdir()) == []
-    assert (app_support.save_run(run, "shared", tmp_path) / "model").is_dir()
+    assert (app_export.save_run(run, "shared", tmp_path) / "model").is_dir()

@@ -310,10 +310,10 @@ def test_demo_model_pruned_per_layer_runs_in_llama_cpp(demo, tmp_path):
     assert q8_ppl == pytest.approx(f32_ppl, rel=0.02)  # q8_0: stated bound 2 %
 
 
-def test_app_support_writes_the_runs_gguf_under_prune_log(bpe_tokenizer, tmp_path):
+def test_app_export_writes_the_runs_gguf_under_prune_log(bpe_tokenizer, tmp_path):
     from types import SimpleNamespace
 
-    from gqaprune_core.app_support import export_run_gguf
+    from gqaprune_core.app_export import export_run_gguf
 
     run = SimpleNamespace(model=make_model("llama", "per_layer"), tokenizer=bpe_tokenizer,
                           number=1, config=SimpleNamespace(base_model="demo", pruning_ratio=0.2))

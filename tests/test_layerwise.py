@@ -251,18 +251,19 @@ def test_cli_refuses_taylor_layerwise_in_one_line(make_tiny, tmp_path, capsys):
 # ---- the app's decision ------------------------------------------------------------------------
 
 def test_app_prunes_layerwise_when_a_copy_would_not_fit(make_tiny, tmp_path, monkeypatch):
-    from gqaprune_core import app_support
+    from gqaprune_core import app_export, app_layerwise, app_support
     from gqaprune_core.layerwise import pipeline as layerwise_pipeline
 
+    monkeypatch.setenv("GQAPRUNE_CACHE", str(tmp_path / "cache"))  # its run folder goes there
     model, tokenizer, path = _saved(make_tiny, tmp_path)
     config = SETTINGS["default"].with_(base_model=str(path), eval_datasets=("demo",))
-    assert not app_support.prune_layerwise_instead(config, model)  # a copy fits
-    assert not app_support.prune_layerwise_instead(config.with_(base_model="tiny"), model)
+    assert not app_layerwise.prune_layerwise_instead(config, model)  # a copy fits
+    assert not app_layerwise.prune_layerwise_instead(config.with_(base_model="tiny"), model)
     monkeypatch.setattr(layerwise_pipeline, "free_memory", lambda device: 2**20)
-    assert app_support.prune_layerwise_instead(config, model)
-    assert not app_support.prune_layerwise_instead(config.with_(layerwise="off"), model)
+    assert app_layerwise.prune_layerwise_instead(config, model)
+    assert not app_layerwise.prune_layerwise_instead(config.with_(layerwise="off"), model)
     with pytest.raises(ValueError, match="Taylor"):
-        app_support.prune_layerwise_instead(
+        app_layerwise.prune_layerwise_instead(
             config.with_(layerwise="on", prune_attention=True), model)
     stages = []
     before = copy.deepcopy(model.state_dict())
@@ -271,7 +272,7 @@ def test_app_prunes_layerwise_when_a_copy_would_not_fit(make_tiny, tmp_path, mon
     assert run.model is None and run.checkpoint.is_dir() and "layer by layer" in run.text_after
     assert any("s/layer" in stage for stage in stages)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # not cut
-    saved = app_support.save_run(run, "lw", output_dir=tmp_path / "runs")
+    saved = app_export.save_run(run, "lw", output_dir=tmp_path / "runs")
     loaded, _ = load_pruned(saved / "model")
     assert count_parameters(loaded) == run.report["params_after"]
 
