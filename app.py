@@ -1,8 +1,8 @@
 """gqaprune's app: ``streamlit run app.py`` (or ``make app``). Navigation and the home page.
 
 Pages live in ``pages/``; the logic they show lives in ``gqaprune_core`` (``app_support``,
-``app_layerwise`` and ``app_export`` for the app-specific parts), so every page is a thin shell
-of widgets and charts.
+``app_rates``, ``app_layerwise`` and ``app_export`` for the app-specific parts), so every page
+is a thin shell of widgets and charts.
 """
 
 from __future__ import annotations

@@ -36,8 +36,8 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from gqaprune_core.app_support import (SHARED_MODEL_LOCK, PruneRun, greedy_generate,
-                                       memory_bytes, plan_split)
+from gqaprune_core.app_rates import plan_split
+from gqaprune_core.app_support import SHARED_MODEL_LOCK, PruneRun, greedy_generate, memory_bytes
 from gqaprune_core.config import PruneConfig
 from gqaprune_core.layer_importance import LayerImportance
 from gqaprune_core.runlock import RunBusyError, RunLock, lock_run_dir

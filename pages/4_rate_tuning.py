@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
+from gqaprune_core import app_rates
 from gqaprune_core import app_support as support
 from gqaprune_core.config import PRESETS, STRATEGIES
 from gqaprune_core.models import layout
@@ -130,7 +131,7 @@ def tuner(importance, profile) -> None:
         try:
             preset = PRESETS[_ui.preset_name()]
             config = preset.with_(base_model=loaded.source, **settings)
-            preview = support.rate_preview(config, model, importance, profile)
+            preview = app_rates.rate_preview(config, model, importance, profile)
             end = len(preview.rates) if config.layer_end is None else config.layer_end
             target = prunable_target(config, model, range(config.layer_start, end))
         except ValueError as err:  # the library names the impossible setting
@@ -163,7 +164,7 @@ def tuner(importance, profile) -> None:
             cell.metric(label, support.human_count(removed), f"{share:.1%} of removed · {units}",
                         delta_color="off", delta_arrow="off",
                         help=f"{removed:,} of the {split.total:,} parameters removed")
-        overlays = (support.strategy_rates(config, model, importance, profile) if compare
+        overlays = (app_rates.strategy_rates(config, model, importance, profile) if compare
                     else None)
         st.plotly_chart(_charts.rates_figure(preview, config, target, overlays),
                         key="rates_chart")

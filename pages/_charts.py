@@ -11,8 +11,8 @@ from collections.abc import Sequence
 import plotly.graph_objects as go
 from plotly.colors import qualitative
 
-from gqaprune_core.app_support import (BudgetSplit, HeadScores, RatePreview, head_mapping,
-                                        layer_counts_table)
+from gqaprune_core.app_rates import BudgetSplit, RatePreview
+from gqaprune_core.app_support import HeadScores, head_mapping, layer_counts_table
 from gqaprune_core.config import PruneConfig
 from gqaprune_core.layer_importance import LayerImportance
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from gqaprune_core import app_support, jobs
+from gqaprune_core import app_rates, app_support, jobs
 from gqaprune_core.app_support import head_mapping
 from gqaprune_core.jobs import JobRegistry
 from gqaprune_core.config import PRESETS
@@ -185,7 +185,7 @@ def test_the_app_starts_from_the_recommended_preset_and_splits_the_budget(app):
     app.slider(key="tune_ratio").set_value(0.45).run()
     assert not app.warning, [w.value for w in app.warning]
     model, _ = load_model("tiny", device="cpu")  # seeded: the app's model
-    split = app_support.rate_preview(
+    split = app_rates.rate_preview(
         start.with_(base_model="tiny", pruning_ratio=0.45, prune_attention=True), model,
         importance).split
     bars = split_bars(app)
@@ -331,7 +331,7 @@ def test_budget_split_counts_the_parameters_each_part_gives(make_tiny):
     shapes, costs = layout(model), unit_costs(model)
     allocation = allocate_units(shapes, costs, [0.5, 0.2, 0.6], prune_attention=True,
                                 prune_mlp=True, group_rounding="per_layer")
-    split = app_support.allocation_split(shapes, costs, allocation)
+    split = app_rates.allocation_split(shapes, costs, allocation)
     assert split.total == allocation.params_removed
     assert split.groups_removed == tuple(s.kv_heads - g for s, g in
                                          zip(shapes, allocation.groups_to_keep))
@@ -345,17 +345,17 @@ def test_budget_split_counts_the_parameters_each_part_gives(make_tiny):
                       [torch.arange(s.mlp_width, dtype=torch.float) for s in shapes],
                       allocation.groups_to_keep, allocation.channels_to_keep)
     pruned = apply_plan_(copy.deepcopy(model), plan)
-    from_plan = app_support.plan_split(plan, costs)
+    from_plan = app_rates.plan_split(plan, costs)
     assert from_plan == split
     assert from_plan.total == count_parameters(model) - count_parameters(pruned)
-    assert app_support.plan_split(plan, unit_costs(pruned)) == split  # unit costs survive cuts
+    assert app_rates.plan_split(plan, unit_costs(pruned)) == split  # unit costs survive cuts
     mlp_only = allocate_units(shapes, costs, [0.3] * 3, prune_attention=False)
-    none_from_attention = app_support.allocation_split(shapes, costs, mlp_only)
+    none_from_attention = app_rates.allocation_split(shapes, costs, mlp_only)
     assert none_from_attention.attention_total == 0 and none_from_attention.mlp_share == 1.0
-    nothing = app_support.budget_split(costs, [0, 0, 0], [0, 0, 0])
+    nothing = app_rates.budget_split(costs, [0, 0, 0], [0, 0, 0])
     assert nothing.attention_share == nothing.mlp_share == 0.0
     with pytest.raises(ValueError, match="one cost and two counts per layer"):
-        app_support.budget_split(costs, [0, 0], [0, 0, 0])
+        app_rates.budget_split(costs, [0, 0], [0, 0, 0])
 
 
 def test_head_mapping_keeps_groups_intact_and_flags_naive_cuts():
@@ -369,7 +369,7 @@ def test_importing_the_library_never_imports_streamlit():
     import subprocess
     import sys
 
-    code = ("import sys, gqaprune_core, gqaprune_core.app_support, "
+    code = ("import sys, gqaprune_core, gqaprune_core.app_support, gqaprune_core.app_rates, "
             "gqaprune_core.app_layerwise, gqaprune_core.app_export; "
             "sys.exit('streamlit' in sys.modules or 'plotly' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], cwd=Path(APP).parent).returncode == 0
