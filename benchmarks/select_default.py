@@ -50,6 +50,16 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "dpw/128/alpha-3": (DPW, {"num_examples": 128, "alpha": 3.0}),
     "dpw/256": (DPW, {"num_examples": 256}),
     "dpw/128/multiple-8": (DPW, {"num_examples": 128, "channel_multiple": 8}),
+    # fourth round (issue 16): the default as shipped against the one before (alpha 2, channels
+    # by output energy alone), and what each change gives on its own
+    "default": (DPW, {}),
+    "previous-default": (DPW, {"alpha": 2.0, "channel_selection": "energy"}),
+    "previous/alpha-4": (DPW, {"alpha": 4.0, "channel_selection": "energy"}),
+    "previous/energy+fisher": (DPW, {"alpha": 2.0}),
+    "previous/64x512": (DPW, {"alpha": 2.0, "channel_selection": "energy", "num_examples": 64,
+                               "seq_len": 512}),
+    "previous/256x256": (DPW, {"alpha": 2.0, "channel_selection": "energy",
+                               "num_examples": 256}),
     "nw/ridge-0.1": (NW, {"refit_ridge": 0.1}),
     "nw/ridge-0.3": (NW, {"refit_ridge": 0.3}),
     "nw/ridge-1": (NW, {"refit_ridge": 1.0}),

@@ -277,10 +277,13 @@ def _run(args: argparse.Namespace, argv: Sequence[str], prep: Prepared,
         if prep.layerwise:
             from gqaprune_core.checkpoint import DEFAULT_MAX_SHARD_SIZE
             from gqaprune_core.export.shards import parse_size
-            from gqaprune_core.layerwise.pipeline import run_layerwise
+            from gqaprune_core.layerwise.pipeline import run_layerwise, streamable_selection
 
             log.info("layer-wise: one decoder layer at a time from %s (the model is always "
                      "written, to %s)", prep.config.base_model, paths.model)
+            substituted = streamable_selection(prep.config)[1]
+            if substituted:
+                log.info("layer-wise: MLP channels chosen by %s", substituted)
             result = run_layerwise(prep.config, paths.model, importance=prep.importance,
                                    evaluate=args.test_after_prune, overwrite=args.overwrite,
                                    progress=bars, on_step=bars.step,

@@ -11,9 +11,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from gqaprune_core.config import (GROUP_ROUNDINGS, IMPORTANCE_METHODS, LAYERWISE_CHOICES,
-                                  MODES, PRESETS, RECOVERY_DEFAULT_LR, RECOVERY_METHODS,
-                                  STRATEGIES, UNIT_METHODS, PruneConfig)
+from gqaprune_core.config import (CHANNEL_SELECTIONS, GROUP_ROUNDINGS, IMPORTANCE_METHODS,
+                                  LAYERWISE_CHOICES, MODES, PRESETS, RECOVERY_DEFAULT_LR,
+                                  RECOVERY_METHODS, STRATEGIES, UNIT_METHODS, PruneConfig)
 
 DEFAULT_PRESET = "original"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -23,7 +23,7 @@ CONFIG_FLAGS = (
     "min_pruning_rate", "max_pruning_rate", "layer_start", "layer_end", "importance_samples",
     "importance_seq_len", "num_examples", "seq_len", "prune_mlp", "prune_attention",
     "group_rounding", "channel_multiple", "mode", "unit_importance", "compensate", "refit_ridge",
-    "refit_feedback",
+    "refit_feedback", "channel_selection",
     "calibration_dataset", "eval_datasets", "eval_seq_len", "max_eval_windows", "seed", "device",
     "dtype", "recovery", "recovery_steps", "recovery_time_s", "recovery_lr", "recovery_batch_size",
     "recovery_seq_len", "recovery_samples", "layerwise", "device_map", "max_memory",
@@ -173,6 +173,10 @@ def _add_importance_flags(parser: argparse.ArgumentParser, d: PruneConfig) -> No
     group.add_argument("--refit_feedback", type=float, help=(
         "share (0..1) of the drift from the dense model's residual stream that each layer's "
         f"re-fit also corrects (default: {d.refit_feedback})"))
+    group.add_argument("--channel_selection", choices=CHANNEL_SELECTIONS, help=(
+        "with --compensate, how MLP channels are chosen: 'energy' (output energy), 'fisher' "
+        "(loss-weighted cost from one backward pass) or 'energy+fisher' (both; the 'default' "
+        f"preset's; layer-wise runs use 'energy') (default: {d.channel_selection})"))
 
 
 def _add_data_flags(parser: argparse.ArgumentParser, d: PruneConfig) -> None:

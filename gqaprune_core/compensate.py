@@ -5,7 +5,9 @@ produces (so earlier cuts are accounted for), computes the full intermediate act
 ``h = act(gate(x)) * up(x)`` (N tokens x I), and its Gram matrix ``C = hᵀh``. It then
 
 1. keeps the channels with the largest output energy ``C_jj * ||down[:, j]||²`` (how much each
-   channel adds to the layer's output on this data), or with given scores;
+   channel adds to the layer's output on this data), or (``selection``) with the largest
+   loss-weighted cost from one backward pass before the cut (``fisher``), or both as shares of
+   the layer total added (``energy+fisher``, the ``default`` preset's), or with given scores;
 2. re-fits ``down_proj`` on the kept channels K so that the pruned MLP reproduces the full one::
 
        W_K = argmin ||h_K W_Kᵀ - h Wᵀ||² + λ ||W_K - W[:, K]||²
@@ -29,15 +31,33 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from gqaprune_core.config import CHANNEL_SELECTIONS
 from gqaprune_core.models import decoder_layers, layer_output, layout
 from gqaprune_core.plan import LayerPlan, PruningPlan, identity_plan, top_k
 from gqaprune_core.surgery import cut_layer_, sync_config_, validate
+from gqaprune_core.unit_importance import fisher_channel_scores
 
 
 # The re-fit forms C_K: Wᵀ this many rows at a time, so that its memory beyond the (I, I) Gram
 # matrix stays near two (K, K) matrices (a whole (K, I) slice of an 8,192-wide MLP's Gram
 # matrix would be 268 MB in float64).
 REFIT_BLOCK_ROWS = 1024
+
+
+def select_scores(selection: str, energy: torch.Tensor, fisher: torch.Tensor | None
+                  ) -> torch.Tensor:
+    """(I,) the scores channels are kept by: ``energy`` (output energy), ``fisher`` (the
+    loss-weighted cost, :func:`gqaprune_core.unit_importance.fisher_channel_scores`) or
+    ``energy+fisher``: each as a share of its layer total, added, so that a channel is kept
+    when it carries much of the layer's output or much of what the loss depends on."""
+    if selection == "energy":
+        return energy
+    if fisher is None:
+        raise ValueError(f"selection {selection!r} needs the Fisher channel scores")
+    fisher = fisher.to(energy.device, energy.dtype)
+    if selection == "fisher":
+        return fisher
+    return energy / energy.sum().clamp_min(1e-30) + fisher / fisher.sum().clamp_min(1e-30)
 
 
 def channel_energy(gram: torch.Tensor, down_weight: torch.Tensor) -> torch.Tensor:
@@ -133,9 +153,14 @@ def prune_mlp_compensated_(model: nn.Module, calibration: torch.Tensor,
             from it into the result so that one plan describes the whole model).
         feedback: β in [0, 1], the share of the drift from the dense model's residual stream
             that each layer's re-fit also corrects (module docstring); 0 = none.
+        selection: how channels are chosen when ``scores`` is None: one of
+            :data:`CHANNEL_SELECTIONS` (see :func:`select_scores`; ``fisher`` and
+            ``energy+fisher`` cost one backward pass over ``calibration`` first).
     """
     if not 0.0 <= feedback <= 1.0:
         raise ValueError(f"feedback={feedback} must lie in [0, 1]")
+    if selection not in (*CHANNEL_SELECTIONS, "obs"):
+        raise ValueError(f"selection={selection!r}; choose one of {', '.join(CHANNEL_SELECTIONS)}")
     shapes = layout(model)  # after any attention cut; MLP widths are still the original ones
     plan = base_plan or identity_plan(shapes, "compensated")
     layers = decoder_layers(model)
@@ -143,6 +168,9 @@ def prune_mlp_compensated_(model: nn.Module, calibration: torch.Tensor,
     results: dict[int, LayerPlan] = {}
     handles = []
     targets = dense_residuals(model, calibration, todo) if feedback else {}
+    fisher = None  # loss-weighted scores of the model as it is now (attention cut, MLPs whole)
+    if todo and scores is None and selection in ("fisher", "energy+fisher"):
+        fisher = fisher_channel_scores(model, calibration)
     before_mlp: dict[int, torch.Tensor] = {}  # r̃: the pruned model's residual before the MLP
 
     def norm_hook(index: int):
@@ -165,7 +193,8 @@ def prune_mlp_compensated_(model: nn.Module, calibration: torch.Tensor,
             elif selection == "obs":
                 layer_scores = channel_obs_scores(gram, mlp.down_proj.weight, ridge)
             else:
-                layer_scores = channel_energy(gram, mlp.down_proj.weight)
+                layer_scores = select_scores(selection, channel_energy(gram, mlp.down_proj.weight),
+                                             None if fisher is None else fisher[index])
             kept = top_k(layer_scores, channels_to_keep[index])
             new_down = refit_down(gram, mlp.down_proj.weight, kept, ridge, drift, feedback)
             before = plan.layers[index]

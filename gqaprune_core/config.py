@@ -18,6 +18,7 @@ RatioOf = Literal["prunable", "total"]
 GroupRounding = Literal["across", "per_layer"]
 Recovery = Literal["none", "lora", "full"]
 Layerwise = Literal["auto", "on", "off"]
+ChannelSelection = Literal["energy", "fisher", "energy+fisher"]
 
 IMPORTANCE_METHODS = ("removal", "activation", "block_influence")
 # "optimized": per-layer units chosen from the sensitivity profile (gqaprune_core.sensitivity)
@@ -28,6 +29,8 @@ UNIT_METHODS = ("taylor", "magnitude", "activation", "random", "naive-heads")
 GROUP_ROUNDINGS = ("across", "per_layer")
 RECOVERY_METHODS = ("none", "lora", "full")
 LAYERWISE_CHOICES = ("auto", "on", "off")
+# how compensated MLP pruning chooses channels (gqaprune_core.compensate.select_scores)
+CHANNEL_SELECTIONS = ("energy", "fisher", "energy+fisher")
 # Learning rates of recovery when none is given, chosen on held-out calibration text
 # (benchmarks/select_recovery.py, BENCHMARKS.md): LoRA's adapters start at zero and need a
 # larger step than full fine-tuning, which moves weights that are mostly right already.
@@ -69,6 +72,9 @@ class PruneConfig:
     refit_ridge: float = 0.1
     # share (0..1) of the drift from the dense model's residual stream each re-fit also corrects
     refit_feedback: float = 0.0
+    # "energy": channels by output energy; "fisher": by their loss-weighted cost (one backward
+    # pass over the calibration windows); "energy+fisher": both, as shares of the layer total
+    channel_selection: ChannelSelection = "energy"
     eval_datasets: tuple[str, ...] = ("demo", "pydoc")
     eval_seq_len: int = 512
     max_eval_windows: int | None = 24
@@ -114,7 +120,8 @@ class PruneConfig:
         choices = {"importance_method": IMPORTANCE_METHODS, "pruning_strategy": STRATEGIES,
                    "mode": MODES, "unit_importance": UNIT_METHODS, "ratio_of": ("prunable", "total"),
                    "group_rounding": GROUP_ROUNDINGS, "recovery": RECOVERY_METHODS,
-                   "layerwise": LAYERWISE_CHOICES, "sensitivity_mode": SENSITIVITY_MODES}
+                   "layerwise": LAYERWISE_CHOICES, "sensitivity_mode": SENSITIVITY_MODES,
+                   "channel_selection": CHANNEL_SELECTIONS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}; choose one of {', '.join(allowed)}")
@@ -203,18 +210,22 @@ ORIGINAL = PruneConfig()
 # BENCHMARKS.md, "Choosing the default"):
 # - MLP channels only: one GQA group of the demo model costs as much as 170 MLP channels and
 #   removing it hurts far more; the budget goes where it is cheapest;
-# - channels chosen by output energy and down_proj re-fit toward the original weights;
+# - channels chosen by output energy and by their loss-weighted (Fisher) cost together, and
+#   down_proj re-fit toward the original weights (energy alone: 1.69 vs 1.62 geometric-mean
+#   ratio held out, 2.00 vs 1.87 on the unseen license texts, with alpha 4 in both; the
+#   Fisher half costs one backward pass; layer-wise runs use energy alone);
 # - per-layer rates from block influence (one forward pass, no layer-bypass scan), no floor,
-#   alpha 2 (sharper than 1: 1.44 vs 1.49 geometric-mean ratio on the held-out windows);
+#   alpha 4 (sharper contrast helped up to 4-6, not 8: 1.71 / 1.69 / 1.68 / 1.68 / 1.69 for
+#   alpha 1.5 / 2 / 4 / 6 / 8 with energy alone);
 # - calibration on news, technical prose and encyclopedia text in equal shares, 128 x 256
 #   tokens: more kinds and more of it generalize better (1.62 vs 1.81 geometric-mean ratio
 #   for 32 windows of the same mix; 1.81 vs 2.18 on the unseen license texts);
 # - MLP widths kept at multiples of 8: GPU kernels run misaligned widths 2.5x slower.
 DEFAULT = PruneConfig(
     ratio_of="total", importance_method="block_influence", pruning_strategy="inverse",
-    alpha=2.0, min_pruning_rate=0.0, max_pruning_rate=0.7, prune_attention=False, prune_mlp=True,
+    alpha=4.0, min_pruning_rate=0.0, max_pruning_rate=0.7, prune_attention=False, prune_mlp=True,
     compensate=True, refit_ridge=0.1, calibration_dataset="demo+pydoc+wiki", num_examples=128,
-    seq_len=256, mode="one-shot", channel_multiple=8)
+    seq_len=256, mode="one-shot", channel_multiple=8, channel_selection="energy+fisher")
 
 # The default's calibration and re-fit, but the units per layer (whole GQA groups and MLP
 # channel blocks) chosen from the sensitivity profile to minimise the predicted loss at the

@@ -253,7 +253,8 @@ def _prune(config: PruneConfig, model: nn.Module, calibration: torch.Tensor,
                         config.unit_importance, config.mode, config.seed)
     return prune_mlp_compensated_(model, calibration, allocation.channels_to_keep,
                                   config.refit_ridge, base_plan=plan,
-                                  feedback=config.refit_feedback, progress=progress)
+                                  feedback=config.refit_feedback,
+                                  selection=config.channel_selection, progress=progress)
 
 
 def _recover(config: PruneConfig, model: nn.Module, teacher: nn.Module, tokenizer,

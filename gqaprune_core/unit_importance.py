@@ -210,3 +210,62 @@ def layer_saliency(model: nn.Module, method: UnitMethod, batches: torch.Tensor |
         return {i: activation_saliency(all_layers[i], norms[i]) for i in chosen}
     raise ValueError(f"unknown unit importance method {method!r}; choose one of "
                      "taylor, magnitude, activation, random")
+
+
+def fisher_channel_scores(model: nn.Module, batches: torch.Tensor, chunk_size: int = 8,
+                          progress: Callable[[int, int], None] | None = None
+                          ) -> dict[int, torch.Tensor]:
+    """Per layer, the (I,) float64 loss-weighted cost of removing each MLP channel alone::
+
+        F_j = Σ_t (h_tj · (g_t · w_j))²
+
+    with ``h_tj`` the channel's activation at token t, ``w_j`` its down_proj column and ``g_t``
+    the gradient of token t's next-token loss with respect to the MLP's output: a diagonal
+    Fisher (second-order) estimate of the loss increase, where output energy (``Σ_t h_tj²
+    ||w_j||²``) counts every direction of the residual stream alike. One backward pass over
+    ``batches`` (N, T), ``chunk_size`` rows at a time, every weight frozen (gradients flow
+    through the activations only); hooks and requires_grad flags are restored.
+    """
+    layers = decoder_layers(model)
+    device = next(model.parameters()).device
+    saved_flags = {p: p.requires_grad for p in model.parameters()}
+    inputs: dict[int, torch.Tensor] = {}
+    totals: dict[int, torch.Tensor] = {}
+
+    def keep_input(index: int):
+        def hook(module: nn.Module, args: tuple) -> None:
+            inputs[index] = args[0].detach()
+        return hook
+
+    def add_score(index: int):
+        def hook(module: nn.Module, grad_input: tuple, grad_output: tuple) -> None:
+            along = grad_output[0].detach() @ module.weight.detach()  # (B, T, I): g_t · w_j
+            score = (inputs.pop(index) * along).double().pow(2).sum(dim=(0, 1))
+            totals[index] = totals[index] + score if index in totals else score
+        return hook
+
+    embeddings = model.get_input_embeddings()
+    handles = [embeddings.register_forward_hook(lambda module, args, out: out.requires_grad_())]
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for index, layer in enumerate(layers):
+            down = layer.mlp.down_proj
+            handles.append(down.register_forward_pre_hook(keep_input(index)))
+            handles.append(down.register_full_backward_hook(add_score(index)))
+        count = batches.shape[0]
+        with torch.enable_grad():
+            for done, chunk in enumerate(_chunks(batches, chunk_size)):
+                ids = chunk.to(device)
+                # summed, not averaged, over tokens: g_t is each token's own loss gradient
+                loss = model(ids, labels=ids, use_cache=False).loss * ids[:, 1:].numel()
+                loss.backward()
+                if progress is not None:
+                    progress(min((done + 1) * chunk_size, count), count)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for p, flag in saved_flags.items():
+            p.requires_grad_(flag)
+        inputs.clear()
+    return {i: v.cpu() for i, v in totals.items()}

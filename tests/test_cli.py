@@ -78,6 +78,10 @@ def test_preset_keeps_its_choices_unless_a_flag_overrides():
     assert parse("--preset", "original") == PRESETS["original"]
     assert parse("--preset", "original", "--no-prune_mlp").prune_mlp is False
     assert parse("--preset", "original", "--alpha", "2").alpha == 2.0
+    assert parse("--preset", "default").channel_selection == "energy+fisher"
+    assert parse("--preset", "default", "--channel_selection", "energy").channel_selection == "energy"
+    with pytest.raises(cli.UsageError, match="--channel_selection: invalid choice: 'obs'"):
+        parse("--channel_selection", "obs")
 
 
 def test_flag_conversions():

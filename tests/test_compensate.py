@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
-from gqaprune_core.compensate import channel_energy, prune_mlp_compensated_, refit_down
+from gqaprune_core.compensate import (channel_energy, prune_mlp_compensated_, refit_down,
+                                      select_scores)
 from gqaprune_core.models import layout
 from gqaprune_core.plan import identity_plan
 from gqaprune_core.surgery import apply_plan_
@@ -96,3 +98,42 @@ def test_feedback_out_of_range_is_refused(make_tiny):
     with pytest.raises(ValueError, match="feedback=1.5"):
         prune_mlp_compensated_(make_tiny(), torch.zeros(1, 4, dtype=torch.long), [40, 40, 40],
                                feedback=1.5)
+
+
+def test_select_scores_adds_the_shares_of_energy_and_fisher():
+    energy = torch.tensor([6.0, 3.0, 1.0], dtype=torch.float64)
+    fisher = torch.tensor([0.0, 1.0, 3.0], dtype=torch.float64)
+    assert select_scores("energy", energy, None) is energy
+    assert select_scores("fisher", energy, fisher).tolist() == fisher.tolist()
+    torch.testing.assert_close(select_scores("energy+fisher", energy, fisher),
+                               torch.tensor([0.6, 0.55, 0.85], dtype=torch.float64))
+    with pytest.raises(ValueError, match="needs the Fisher"):
+        select_scores("fisher", energy, None)
+
+
+@pytest.mark.parametrize("selection", ["fisher", "energy+fisher"])
+def test_loss_weighted_selection_keeps_what_the_loss_needs(make_tiny, selection):
+    """The loss-weighted choices (one backward pass before the cut) keep the channel the loss
+    depends on most and choose otherwise than output energy does."""
+    from gqaprune_core.unit_importance import fisher_channel_scores
+
+    model = make_tiny("llama")
+    calibration = torch.randint(0, 97, (8, 24), generator=torch.Generator().manual_seed(4))
+    fisher = fisher_channel_scores(model, calibration)[0]
+    width = layout(model)[0].mlp_width
+    keep = width // 2
+    energy_model = copy.deepcopy(model)
+    plan = prune_mlp_compensated_(model, calibration, [keep, width, width], selection=selection)
+    energy_plan = prune_mlp_compensated_(energy_model, calibration, [keep, width, width])
+    kept, by_energy = set(plan.layers[0].kept_mlp_channels), set(energy_plan.layers[0].kept_mlp_channels)
+    assert len(kept) == keep and kept != by_energy
+    top = int(fisher.argmax())
+    assert top in kept
+    if selection == "fisher":
+        assert kept == set(torch.topk(fisher, keep).indices.tolist())
+
+
+def test_unknown_selection_is_refused(make_tiny):
+    with pytest.raises(ValueError, match="selection='obs-greedy'; choose one of energy"):
+        prune_mlp_compensated_(make_tiny("llama"), torch.zeros(1, 4, dtype=torch.long), [8],
+                               selection="obs-greedy")

@@ -55,13 +55,16 @@ def _assert_same_run(in_memory, layerwise, output, atol: float = 1e-5) -> None:
     assert layerwise.report["params_after"] == in_memory.report["params_after"]
 
 
+# Layer by layer MLP channels are chosen by output energy (the default preset's Fisher half needs
+# gradients through the whole model): the in-memory runs compared here choose them alike.
+ENERGY = PRESETS["default"].with_(channel_selection="energy")
 SETTINGS = {
-    "default": PRESETS["default"].with_(**SMALL),
-    "feedback": PRESETS["default"].with_(**SMALL, refit_feedback=0.5),
+    "default": ENERGY.with_(**SMALL),
+    "feedback": ENERGY.with_(**SMALL, refit_feedback=0.5),
     "groups_magnitude": PRESETS["original"].with_(**SMALL | {"pruning_ratio": 0.3},
                                                   unit_importance="magnitude", prune_mlp=True,
                                                   importance_method="activation"),
-    "groups_and_refit": PRESETS["default"].with_(**SMALL | {"pruning_ratio": 0.3},
+    "groups_and_refit": ENERGY.with_(**SMALL | {"pruning_ratio": 0.3},
                                                  unit_importance="random", prune_attention=True,
                                                  importance_method="removal"),
 }
@@ -123,6 +126,21 @@ def test_pruned_checkpoint_is_pruned_again_like_in_memory(make_tiny, tmp_path):
     in_memory = run_pipeline(config, reloaded, tokenizer)
     layerwise = run_layerwise(config, tmp_path / "out")
     _assert_same_run(in_memory, layerwise, tmp_path / "out")
+
+
+def test_the_default_presets_fisher_half_streams_as_energy(make_tiny, tmp_path):
+    """The default preset chooses channels by energy and Fisher scores in memory; layer by layer
+    it uses energy alone, says so in the report, and equals an in-memory energy run."""
+    model, tokenizer, path = _saved(make_tiny, tmp_path)
+    config = PRESETS["default"].with_(**SMALL | {"max_eval_windows": 1}, base_model=str(path))
+    assert config.channel_selection == "energy+fisher"
+    layerwise = run_layerwise(config, tmp_path / "out")
+    assert "energy" in layerwise.report["layerwise"]["channel_selection"]
+    assert layerwise.report["config"]["channel_selection"] == "energy"
+    in_memory = run_pipeline(config.with_(channel_selection="energy"), model, tokenizer)
+    _assert_same_run(in_memory, layerwise, tmp_path / "out")
+    fisher = run_pipeline(config, model, tokenizer)
+    assert fisher.plan != in_memory.plan  # the in-memory default does choose otherwise
 
 
 def test_output_is_sharded_and_streamed_back(make_tiny, tmp_path):
@@ -191,7 +209,7 @@ def test_layerwise_choice():
 @pytest.mark.demo
 def test_demo_model_layerwise_equals_in_memory(demo, tmp_path):
     model, tokenizer = demo
-    config = PRESETS["default"].with_(
+    config = ENERGY.with_(
         importance_samples=2, importance_seq_len=64, num_examples=4, seq_len=64,
         calibration_dataset="demo", eval_datasets=("demo",), eval_seq_len=128,
         max_eval_windows=1, device="cpu")
@@ -209,7 +227,7 @@ def _cli_args(path, out, *extra: str) -> list[str]:
             "--importance_samples", "4", "--num_examples", "4", "--eval_seq_len", "32",
             "--max_eval_windows", "2", "--channel_multiple", "1", "--pruning_ratio", "0.1",
             "--calibration_dataset", "demo", "--eval_datasets", "demo", "--output_dir", str(out),
-            "--quiet", *extra]
+            "--channel_selection", "energy", "--quiet", *extra]
 
 
 def test_cli_layerwise_writes_the_model_and_reports_layers(make_tiny, tmp_path):

@@ -7,7 +7,8 @@ import torch
 
 from gqaprune_core.models import layout
 from gqaprune_core.pruner import prune_model_
-from gqaprune_core.unit_importance import (activation_norms, channel_scores, group_scores,
+from gqaprune_core.unit_importance import (activation_norms, channel_scores,
+                                           fisher_channel_scores, group_scores,
                                            layer_saliency, taylor_saliency)
 
 
@@ -116,3 +117,51 @@ def test_impossible_unit_counts_are_refused(make_tiny):
     model = make_tiny()
     with pytest.raises(ValueError, match="layer 1: cannot keep 0 of 2 groups"):
         prune_model_(model, calibration(), [2, 0, 2], [40, 40, 40])
+
+
+def direct_fisher(model, ids, layer: int) -> torch.Tensor:
+    """Σ_t (h_tj (g_t · w_j))² by hand: g from the summed loss, h from a hook."""
+    seen = {}
+    down = model.model.layers[layer].mlp.down_proj
+
+    def hook(module, args, out):
+        seen["h"] = args[0].detach()
+        out.retain_grad()
+        seen["out"] = out
+
+    handle = down.register_forward_hook(hook)
+    loss = model(ids, labels=ids, use_cache=False).loss * ids[:, 1:].numel()
+    loss.backward()
+    handle.remove()
+    model.zero_grad()
+    g = seen["out"].grad
+    return ((seen["h"] * (g @ down.weight.detach())) ** 2).sum(dim=(0, 1)).double()
+
+
+@pytest.mark.parametrize("variant", ["llama", "qwen2_bias"])
+def test_fisher_channel_scores_match_direct_computation(make_tiny, variant):
+    model = make_tiny(variant)
+    ids = calibration(4, 10)
+    scores = fisher_channel_scores(model, ids, chunk_size=4)
+    assert sorted(scores) == list(range(len(layout(model))))
+    for layer in range(len(layout(model))):
+        torch.testing.assert_close(scores[layer], direct_fisher(model, ids, layer),
+                                   rtol=1e-4, atol=1e-12)
+    # summed over tokens, so the chunking does not change it
+    for layer, value in fisher_channel_scores(model, ids, chunk_size=1).items():
+        torch.testing.assert_close(value, scores[layer], rtol=1e-4, atol=1e-12)
+
+
+def test_fisher_scores_leave_the_model_as_it_was_and_see_dead_channels(make_tiny):
+    model = make_tiny("llama")
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[:, 5] = 0.0  # channel 5 feeds nothing
+    model.model.layers[0].mlp.up_proj.weight.requires_grad_(False)
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    scores = fisher_channel_scores(model, calibration(4, 10))
+    assert scores[1][5] == 0 and (scores[1] > 0).sum() == scores[1].numel() - 1
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
+    assert all(p.grad is None for p in model.parameters())
+    hooked = [m for m in model.modules() if m._forward_hooks or m._forward_pre_hooks
+              or m._backward_hooks]
+    assert hooked == []

@@ -18,7 +18,9 @@ Modules: :mod:`.source` (open a model directory lazily, build the skeleton, load
 writer), :mod:`.pipeline` (the whole run, and when to use it).
 
 Forward-only methods stream: layer scores ``block_influence`` and ``activation``, group and
-channel scores ``magnitude`` and ``random``, and the ``default`` preset's energy selection with
+channel scores ``magnitude`` and ``random``, and MLP channels by output energy with the
 least-squares re-fit. Taylor scores need gradients through the whole model and are refused
-(:func:`.pipeline.check_streamable`).
+(:func:`.pipeline.check_streamable`); so do Fisher channel scores, which the ``default`` preset
+adds to energy in memory: layer by layer it keeps energy alone and says so
+(:func:`.pipeline.streamable_selection`).
 """

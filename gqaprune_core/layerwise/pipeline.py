@@ -58,6 +58,17 @@ def check_streamable(config: PruneConfig) -> None:
                          "one and cannot run layer-wise; use --recovery none, or --layerwise off")
 
 
+def streamable_selection(config: PruneConfig) -> tuple[PruneConfig, str | None]:
+    """``config`` with MLP channels chosen by output energy when it asks for Fisher scores,
+    which need gradients through the whole model, and the note saying so (None if unchanged).
+    The ``default`` preset's ``energy+fisher`` thus streams as ``energy``."""
+    if not (config.compensate and config.prune_mlp) or config.channel_selection == "energy":
+        return config, None
+    return config.with_(channel_selection="energy"), (
+        f"energy (channel_selection {config.channel_selection!r} needs gradients through the "
+        "whole model; layer by layer MLP channels are chosen by output energy)")
+
+
 def free_memory(device: torch.device) -> int:
     """Bytes free on ``device`` (CUDA: the driver's count; CPU: available RAM)."""
     if device.type == "cuda":
@@ -185,6 +196,7 @@ def run_layerwise(config: PruneConfig, output: str | os.PathLike, *,
             cannot be read lazily, an ``output`` that exists (without ``overwrite``).
     """
     check_streamable(config)
+    config, substituted = streamable_selection(config)
     timings: dict[str, float] = {}
     steps: list[LayerStep] = []
     step = _progress_steps(progress, on_step, steps)
@@ -223,6 +235,8 @@ def run_layerwise(config: PruneConfig, output: str | os.PathLike, *,
     report = build_report(config, pruned_model, params_before, plan, rates, allocation,
                           ppl_before, ppl_after, timings)
     report["layerwise"] = layerwise_summary(Path(output), steps, device)
+    if substituted:
+        report["layerwise"]["channel_selection"] = substituted
     return PipelineResult(pruned_model, tokenizer, plan, importance, rates, allocation, report,
                           ppl_before, ppl_after, ppl_after)
 
