@@ -14,7 +14,8 @@ I MLP width, q_per_kv = H / G.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
@@ -100,6 +101,36 @@ def _chunks(batches: torch.Tensor, chunk_size: int):
         yield batches[start:start + chunk_size]
 
 
+@contextmanager
+def _frozen_weights(model: nn.Module) -> Iterator[None]:
+    """Every parameter ``requires_grad=False`` inside (the caller may unfreeze some); the flags
+    are restored and the gradients dropped on exit."""
+    saved_flags = {p: p.requires_grad for p in model.parameters()}
+    try:
+        for p in saved_flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in saved_flags.items():
+            p.requires_grad_(flag)
+            p.grad = None
+
+
+def _backward_in_chunks(model: nn.Module, batches: torch.Tensor, chunk_size: int,
+                        scale: Callable[[torch.Tensor], float],
+                        progress: Callable[[int, int], None] | None) -> None:
+    """Backward of the mean next-token NLL of each ``chunk_size`` rows of ``batches`` (N, T),
+    times ``scale(chunk_ids)``; the hooks the caller set collect what they need."""
+    device = next(model.parameters()).device
+    count = batches.shape[0]
+    with torch.enable_grad():
+        for done, chunk in enumerate(_chunks(batches, chunk_size)):
+            ids = chunk.to(device)
+            (model(ids, labels=ids, use_cache=False).loss * scale(ids)).backward()
+            if progress is not None:
+                progress(min((done + 1) * chunk_size, count), count)
+
+
 def taylor_saliency(model: nn.Module, batches: torch.Tensor, layers: Sequence[int] | None = None,
                     chunk_size: int = 10, progress: Callable[[int, int], None] | None = None
                     ) -> dict[int, LayerSaliency]:
@@ -112,8 +143,6 @@ def taylor_saliency(model: nn.Module, batches: torch.Tensor, layers: Sequence[in
     """
     all_layers = decoder_layers(model)
     chosen = list(range(len(all_layers))) if layers is None else list(layers)
-    device = next(model.parameters()).device
-    saved_flags = {p: p.requires_grad for p in model.parameters()}
     totals: dict[int, dict[str, torch.Tensor]] = {i: {} for i in chosen}
     handles = []
 
@@ -126,27 +155,19 @@ def taylor_saliency(model: nn.Module, batches: torch.Tensor, layers: Sequence[in
 
         return hook
 
-    try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for index in chosen:
-            for name, linear in _projections(all_layers[index]).items():
-                linear.weight.requires_grad_(True)
-                handles.append(linear.weight.register_post_accumulate_grad_hook(
-                    make_hook(index, name)))
-        count = batches.shape[0]
-        for done, chunk in enumerate(_chunks(batches, chunk_size)):
-            ids = chunk.to(device)
-            loss = model(ids, labels=ids, use_cache=False).loss * (chunk.shape[0] / count)
-            loss.backward()
-            if progress is not None:
-                progress(min((done + 1) * chunk_size, count), count)
-    finally:
-        for handle in handles:
-            handle.remove()
-        for p, flag in saved_flags.items():
-            p.requires_grad_(flag)
-            p.grad = None
+    count = batches.shape[0]
+    with _frozen_weights(model):
+        try:
+            for index in chosen:
+                for name, linear in _projections(all_layers[index]).items():
+                    linear.weight.requires_grad_(True)
+                    handles.append(linear.weight.register_post_accumulate_grad_hook(
+                        make_hook(index, name)))
+            _backward_in_chunks(model, batches, chunk_size, lambda ids: ids.shape[0] / count,
+                                progress)
+        finally:
+            for handle in handles:
+                handle.remove()
     return {i: LayerSaliency({k: v.cpu() for k, v in totals[i].items()}) for i in chosen}
 
 
@@ -227,8 +248,6 @@ def fisher_channel_scores(model: nn.Module, batches: torch.Tensor, chunk_size: i
     through the activations only); hooks and requires_grad flags are restored.
     """
     layers = decoder_layers(model)
-    device = next(model.parameters()).device
-    saved_flags = {p: p.requires_grad for p in model.parameters()}
     inputs: dict[int, torch.Tensor] = {}
     totals: dict[int, torch.Tensor] = {}
 
@@ -246,26 +265,17 @@ def fisher_channel_scores(model: nn.Module, batches: torch.Tensor, chunk_size: i
 
     embeddings = model.get_input_embeddings()
     handles = [embeddings.register_forward_hook(lambda module, args, out: out.requires_grad_())]
-    try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for index, layer in enumerate(layers):
-            down = layer.mlp.down_proj
-            handles.append(down.register_forward_pre_hook(keep_input(index)))
-            handles.append(down.register_full_backward_hook(add_score(index)))
-        count = batches.shape[0]
-        with torch.enable_grad():
-            for done, chunk in enumerate(_chunks(batches, chunk_size)):
-                ids = chunk.to(device)
-                # summed, not averaged, over tokens: g_t is each token's own loss gradient
-                loss = model(ids, labels=ids, use_cache=False).loss * ids[:, 1:].numel()
-                loss.backward()
-                if progress is not None:
-                    progress(min((done + 1) * chunk_size, count), count)
-    finally:
-        for handle in handles:
-            handle.remove()
-        for p, flag in saved_flags.items():
-            p.requires_grad_(flag)
-        inputs.clear()
+    with _frozen_weights(model):
+        try:
+            for index, layer in enumerate(layers):
+                down = layer.mlp.down_proj
+                handles.append(down.register_forward_pre_hook(keep_input(index)))
+                handles.append(down.register_full_backward_hook(add_score(index)))
+            # summed, not averaged, over tokens: g_t is each token's own loss gradient
+            _backward_in_chunks(model, batches, chunk_size, lambda ids: ids[:, 1:].numel(),
+                                progress)
+        finally:
+            for handle in handles:
+                handle.remove()
+            inputs.clear()
     return {i: v.cpu() for i, v in totals.items()}
