@@ -6,8 +6,8 @@
 
 Memory at any time: the embedding and LM head, one decoder layer (the shard writer puts each
 tensor on disk as it comes), the calibration hidden states (on CPU, one batch on the device at
-a time) and the Gram matrix of one MLP with its re-fit. Same plan and, up to float rounding, same weights as
-:func:`gqaprune_core.pipeline.run_pipeline` for the settings that stream
+a time) and the Gram matrix of one MLP with its re-fit. Same plan and, up to float rounding,
+same weights as :func:`gqaprune_core.pipeline.run_pipeline` for the settings that stream
 (:func:`check_streamable`).
 """
 
