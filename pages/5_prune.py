@@ -6,7 +6,8 @@ import streamlit as st
 
 from gqaprune_core import app_support as support
 from gqaprune_core import jobs
-from gqaprune_core.config import MODES, PRESETS, RECOVERY_METHODS, UNIT_METHODS, PruneConfig
+from gqaprune_core.config import (CHANNEL_SELECTIONS, MODES, PRESETS, RECOVERY_METHODS,
+                                  UNIT_METHODS, PruneConfig)
 from gqaprune_core.sensitivity import app_view as sensitivity_view
 from pages import _charts, _ui
 
@@ -15,6 +16,8 @@ UNIT_HELP = {"taylor": "taylor: |weight × gradient| (default)", "magnitude": "m
              "activation": "activation: |weight| × input norm (Wanda-style)",
              "random": "random: a baseline that knows nothing",
              "naive-heads": "naive-heads: the anti-example that scrambles GQA (see GQA structure)"}
+CHANNEL_HELP = {"energy": "output energy", "fisher": "loss-weighted (Fisher)",
+                "energy+fisher": "output energy + loss-weighted (default)"}
 RECOVERY_HELP = {"none": "none (default)", "lora": "LoRA, merged back",
                  "full": "full fine-tuning of the decoder layers (recovers most per step)"}
 
@@ -71,6 +74,13 @@ def run_settings() -> tuple[PruneConfig, str, int] | None:
                                 default=["demo"], key="run_corpora",
                                 help="Evaluation parts (never calibrated on). demo: news; pydoc: "
                                      "Python docs; wiki: Wikipedia articles. Empty: no evaluation.")
+        channels = a.selectbox("MLP channels kept by", CHANNEL_SELECTIONS,
+                               index=index_of(CHANNEL_SELECTIONS, preset.channel_selection),
+                               format_func=CHANNEL_HELP.get, key="run_channels",
+                               disabled=not preset.compensate,
+                               help="With the down_proj re-fit (the default preset): output "
+                                    "energy, the loss-weighted Fisher score (one backward pass "
+                                    "more), or both. A layer-wise run uses output energy.")
         # The re-fit of a compensating preset is one forward pass and needs its data: keep the
         # preset's calibration size unless in quick mode.
         calibration_size = ((preset.num_examples, preset.seq_len)
@@ -118,7 +128,8 @@ def run_settings() -> tuple[PruneConfig, str, int] | None:
     try:
         config = preset.with_(base_model=loaded.source, device=loaded.device,
                               dtype=None if loaded.dtype == "auto" else loaded.dtype,
-                              unit_importance=unit, mode=mode, num_examples=int(examples),
+                              unit_importance=unit, mode=mode, channel_selection=channels,
+                              num_examples=int(examples),
                               seq_len=int(seq_len), eval_datasets=tuple(corpora),
                               eval_seq_len=int(eval_len), max_eval_windows=int(windows),
                               recovery=recovery, recovery_steps=int(steps),

@@ -114,14 +114,19 @@ def test_two_sessions_pruning_at_once_each_get_their_own_result(gate):
     first, second = session(), session()
     for at, unit, windows in ((first, "magnitude", 2), (second, "random", 3)):
         page(at, "5_prune")
+        assert at.selectbox(key="run_channels").value == "energy+fisher"  # the default's
         at.selectbox(key="run_unit").set_value(unit)
         at.number_input(key="run_windows").set_value(windows)
+        if at is first:
+            at.selectbox(key="run_channels").set_value("energy")
         click(at, PRUNE)
     wait_for_jobs(gate, 2)  # both jobs are running now, side by side
     gate.open()
     wait_until(lambda: all(at.session_state["runs"] for at in (first, second)),
                [first, second], "both runs")
     (run_a,), (run_b,) = first.session_state["runs"], second.session_state["runs"]
+    assert run_a.config.channel_selection == "energy" and run_b.config.channel_selection == (
+        "energy+fisher")
     assert (run_a.config.unit_importance, run_a.config.max_eval_windows) == ("magnitude", 2)
     assert (run_b.config.unit_importance, run_b.config.max_eval_windows) == ("random", 3)
     assert comparable(run_a.report) == alone(run_a)
