@@ -56,6 +56,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "previous-default": (DPW, {"alpha": 2.0, "channel_selection": "energy"}),
     "previous/alpha-4": (DPW, {"alpha": 4.0, "channel_selection": "energy"}),
     "previous/energy+fisher": (DPW, {"alpha": 2.0}),
+    "default/256x256": (DPW, {"num_examples": 256}),
+    "default/fisher": (DPW, {"channel_selection": "fisher"}),
     "previous/64x512": (DPW, {"alpha": 2.0, "channel_selection": "energy", "num_examples": 64,
                                "seq_len": 512}),
     "previous/256x256": (DPW, {"alpha": 2.0, "channel_selection": "energy",

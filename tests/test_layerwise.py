@@ -297,12 +297,13 @@ def test_app_prunes_layerwise_when_a_copy_would_not_fit(make_tiny, tmp_path, mon
 
 # ---- accelerate's dispatch (in memory) ---------------------------------------------------------
 
-@pytest.mark.parametrize("setting", ["default", "groups_magnitude"])
+@pytest.mark.parametrize("setting", ["default", "groups_magnitude", "default_fisher"])
 def test_dispatched_model_prunes_like_a_plain_one(make_tiny, tmp_path, setting):
     from gqaprune_core.models import load_model
 
     model, tokenizer, path = _saved(make_tiny, tmp_path)
-    config = SETTINGS[setting].with_(base_model=str(path), unit_importance="taylor")
+    settings = SETTINGS | {"default_fisher": PRESETS["default"].with_(**SMALL)}  # its backward
+    config = settings[setting].with_(base_model=str(path), unit_importance="taylor")
     dispatched, _ = load_model(path, "cpu", device_map="auto", max_memory="cpu=4GiB")
     plain = run_pipeline(config, model, tokenizer)
     spread = run_pipeline(config, dispatched, tokenizer)
