@@ -77,14 +77,15 @@ def held_out_setup(args):
 def exact_layers(model, tokenizer, config, layers: list[int]) -> dict:
     """Exact losses of every grid point of ``layers`` (the anchored profile's check)."""
     from gqaprune_core.models import decoder_layers, layout
-    from gqaprune_core.sensitivity.profile import (_saliency, fit_grams, held_out_pass,
-                                                   layer_cuts, measure_cut)
+    from gqaprune_core.sensitivity.grams import fit_grams
+    from gqaprune_core.sensitivity.profile import (_saliency, held_out_pass, layer_cuts,
+                                                   measure_cut)
     from gqaprune_core.sensitivity.store import profile_windows
 
     settings = ProfileSettings.from_config(config)
     fit, ids = profile_windows(tokenizer, settings)
     saliency = _saliency(model, settings, fit)
-    grams = fit_grams(model, fit)
+    grams = list(fit_grams(model, fit))
     held = held_out_pass(model, ids)
     shapes = layout(model)
     out = {}

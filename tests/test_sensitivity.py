@@ -15,11 +15,11 @@ from gqaprune_core.evaluate import window_nll
 from gqaprune_core.models import count_parameters, decoder_layers, layout, load_model
 from gqaprune_core.schedule import unit_costs
 from gqaprune_core.sensitivity import store
+from gqaprune_core.sensitivity.grams import fit_grams, held_grams
 from gqaprune_core.sensitivity.optimize import optimize_units
 from gqaprune_core.sensitivity.predict import MODEL_ERROR, mlp_loss, monotone, predict
 from gqaprune_core.sensitivity.profile import (MLP_RATES, ProfileSettings, SensitivityProfile,
-                                               compute_profile, held_out_pass, layer_cuts,
-                                               fit_grams)
+                                               compute_profile, held_out_pass, layer_cuts)
 from gqaprune_core.surgery import cut_layer_
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -44,7 +44,7 @@ def test_exact_profile_equals_cutting_that_layer_of_the_whole_model(make_tiny, w
     assert profile.base_loss == pytest.approx(base, rel=1e-5)
     # re-do two grid points by cutting a copy of the whole model and a full forward pass
     held = held_out_pass(model, ids)
-    cuts = layer_cuts(layout(model)[1], decoder_layers(model)[1], fit_grams(model, fit)[1],
+    cuts = layer_cuts(layout(model)[1], decoder_layers(model)[1], list(fit_grams(model, fit))[1],
                       held, settings, _saliency(model, fit)[1])
     for cut in (cuts[4], cuts[-1]):  # 50 % of the MLP with its re-fit; one group
         pruned = copy.deepcopy(model)
@@ -55,6 +55,47 @@ def test_exact_profile_equals_cutting_that_layer_of_the_whole_model(make_tiny, w
         loss = float(window_nll(pruned, ids).sum()) / (ids.shape[0] * (ids.shape[1] - 1))
         table = profile.mlp_loss if cut.part == "mlp" else profile.group_loss
         assert table[1][cut.step] == pytest.approx(loss - base, abs=1e-5)
+
+
+def _whole_pass_grams(model, ids):
+    """Per layer the Gram of the MLP activations from one whole-model forward (hooks)."""
+    grams = {}
+
+    def hook(index):
+        def add(module, args):
+            h = module.act_fn(module.gate_proj(args[0])) * module.up_proj(args[0])
+            h = h.reshape(-1, h.shape[-1]).double()
+            grams[index] = grams.get(index, 0) + h.T @ h
+        return add
+
+    handles = [layer.mlp.register_forward_pre_hook(hook(i))
+               for i, layer in enumerate(decoder_layers(model))]
+    with torch.no_grad():
+        for batch in ids.split(4):
+            model.model(batch, use_cache=False)
+    for handle in handles:
+        handle.remove()
+    return grams
+
+
+@pytest.mark.parametrize("variant", ["llama", "qwen2_bias"])
+def test_grams_made_layer_by_layer_equal_a_whole_model_pass(make_tiny, windows, variant):
+    model = make_tiny(variant, layers=3)
+    fit, ids = windows  # 6 fit windows in batches of 4: a full and a partial batch
+    whole = _whole_pass_grams(model, fit)
+    streamed = fit_grams(model, fit, batch_size=4)
+    assert not isinstance(streamed, (list, dict))  # a generator: one layer's Gram at a time
+    streamed = list(streamed)
+    assert len(streamed) == 3
+    for index, gram in enumerate(streamed):
+        assert gram.dtype == torch.float64
+        torch.testing.assert_close(gram, whole[index], rtol=1e-5, atol=1e-6)
+    held = held_out_pass(model, ids)
+    for index, layer in enumerate(decoder_layers(model)):
+        mlp, attn = held_grams(layer, held.calls[index])
+        torch.testing.assert_close(mlp.double(), _whole_pass_grams(model, ids)[index],
+                                   rtol=1e-5, atol=1e-5)
+        assert attn.shape == (layer.self_attn.o_proj.in_features,) * 2
 
 
 def _saliency(model, fit):

@@ -15,11 +15,13 @@ profile windows):
 
 How, forward-only (Taylor unit scores add one backward pass over a few windows):
 
-1. a pass over the *fit* windows (the calibration corpus and seed the pipeline uses) collects
-   per layer the Gram matrix ``hᵀh`` (I x I) of the MLP activations: channel choice and re-fit;
-2. one pass over the *profile* windows (other windows of the same calibration part, seed +
-   :data:`PROFILE_SEED_OFFSET`) records every layer's input, the per-window base NLL, and the
-   Grams of the MLP activations and of ``o_proj``'s input on that text;
+1. one pass over the *profile* windows (other windows of the same calibration part, seed +
+   :data:`PROFILE_SEED_OFFSET`) records every layer's input and the per-window base NLL;
+2. then layer by layer: the *fit* windows (the calibration corpus and seed the pipeline uses)
+   advance through layer l, giving the Gram matrix ``hᵀh`` (I x I) of its MLP activations
+   (channel choice and re-fit), and layer l re-run on its recorded profile input gives the
+   Grams of its MLP activations and of ``o_proj``'s input on that text (:mod:`.grams`: one
+   layer's Grams in memory at a time, not all L);
 3. a cut is applied to a copy of layer l, and the recorded input of layer l runs through the
    copy and layers l+1..L-1 only (layers before l are never recomputed): the measured loss.
 
@@ -36,7 +38,7 @@ import copy
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 import torch
@@ -48,6 +50,7 @@ from gqaprune_core.geometry import group_indices
 from gqaprune_core.layer_importance import record_calls  # the shared prefix-reuse machinery
 from gqaprune_core.models import LayerLayout, decoder_layers, layout
 from gqaprune_core.plan import LayerPlan, top_k
+from gqaprune_core.sensitivity.grams import fit_grams, held_grams
 from gqaprune_core.surgery import cut_layer_
 from gqaprune_core.unit_importance import (LayerSaliency, channel_scores, group_scores,
                                            layer_saliency)
@@ -157,62 +160,16 @@ class SensitivityProfile:
 
 
 # ---------------------------------------------------------------------------------------------
-# Gram matrices from hooks
-
-
-def _mlp_activations(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """(N, I) float32 intermediate activations ``act(gate(x)) * up(x)``."""
-    h = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
-    return h.reshape(-1, h.shape[-1]).float()
-
-
-def _gram_hooks(model: nn.Module, mlp_grams: dict, attn_grams: dict | None,
-                dtype: torch.dtype) -> list:
-    """Pre-hooks adding ``hᵀh`` of every MLP's activations (and of every o_proj's input) to
-    the given dicts (layer -> Gram, float32 products summed in ``dtype``)."""
-    handles = []
-
-    def add(store: dict, index: int, rows: torch.Tensor) -> None:
-        gram = (rows.T @ rows).to(dtype)
-        store[index] = gram if index not in store else store[index] + gram
-
-    for index, layer in enumerate(decoder_layers(model)):
-        handles.append(layer.mlp.register_forward_pre_hook(
-            lambda module, args, i=index: add(mlp_grams, i, _mlp_activations(module, args[0]))))
-        if attn_grams is not None:
-            handles.append(layer.self_attn.o_proj.register_forward_pre_hook(
-                lambda module, args, i=index: add(
-                    attn_grams, i, args[0].reshape(-1, args[0].shape[-1]).float())))
-    return handles
-
-
-@torch.no_grad()
-def fit_grams(model: nn.Module, windows: torch.Tensor, batch_size: int = 8
-              ) -> dict[int, torch.Tensor]:
-    """Per layer the (I, I) float64 Gram of the dense model's MLP activations on ``windows``
-    (N, T), in batches of ``batch_size`` windows (decoder only, no LM head)."""
-    grams: dict[int, torch.Tensor] = {}
-    handles = _gram_hooks(model, grams, None, torch.float64)
-    device = next(model.parameters()).device
-    try:
-        for batch in windows.split(batch_size):
-            model.model(batch.to(device), use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return grams
+# the profile windows' pass
 
 
 @dataclass
 class HeldOut:
-    """The profile windows' pass: every layer's recorded call, base NLL per window (B,), and
-    per layer the float32 Grams of MLP activations (I, I) and o_proj input (H*D, H*D)."""
+    """The profile windows' pass: every layer's recorded call and the base NLL per window (B,)."""
 
     ids: torch.Tensor
     calls: list
     base_rows: torch.Tensor
-    mlp_grams: dict[int, torch.Tensor]
-    attn_grams: dict[int, torch.Tensor]
 
     @property
     def positions(self) -> int:
@@ -222,17 +179,10 @@ class HeldOut:
 @torch.no_grad()
 def held_out_pass(model: nn.Module, ids: torch.Tensor) -> HeldOut:
     """Record the profile windows ``ids`` (B, T) through the dense model (see :class:`HeldOut`)."""
-    mlp_grams: dict[int, torch.Tensor] = {}
-    attn_grams: dict[int, torch.Tensor] = {}
-    handles = _gram_hooks(model, mlp_grams, attn_grams, torch.float32)
     ids = ids.to(next(model.parameters()).device)
-    try:
-        calls, final = record_calls(model, ids)
-    finally:
-        for handle in handles:
-            handle.remove()
+    calls, final = record_calls(model, ids)
     base = nll_from_hidden(model, final, ids, normalized=True)
-    return HeldOut(ids, calls, base, mlp_grams, attn_grams)
+    return HeldOut(ids, calls, base)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,21 +232,31 @@ def _group_cut(shape: LayerLayout, layer: nn.Module, removed: int, held_gram: to
     return LayerCut("group", removed, plan, None, error)
 
 
-def layer_cuts(shape: LayerLayout, layer: nn.Module, fit_gram: torch.Tensor, held: HeldOut,
-               settings: ProfileSettings, saliency: LayerSaliency | None) -> list[LayerCut]:
-    """Every grid point of one layer except the uncut ones: R-1 MLP cuts, G-1 group cuts."""
-    index = shape.layer
-    cuts = []
-    for step, rate in enumerate(MLP_RATES):
-        keep = shape.mlp_width - round(rate * shape.mlp_width)
-        if step and keep >= 1:
-            cuts.append(_mlp_cut(shape, layer, step, keep, fit_gram, held.mlp_grams[index],
-                                 held.positions, settings, saliency))
+def _mlp_steps(shape: LayerLayout) -> list[tuple[int, int]]:
+    """(grid index, channels kept) of the layer's MLP cuts: every rate but 0 that keeps one."""
+    keeps = [(step, shape.mlp_width - round(rate * shape.mlp_width))
+             for step, rate in enumerate(MLP_RATES)]
+    return [(step, keep) for step, keep in keeps if step and keep >= 1]
+
+
+def _passes(shape: LayerLayout, mode: str) -> int:
+    """Forward passes the layer's cuts take: every cut (exact) or its anchors."""
+    mlp, groups = len(_mlp_steps(shape)), shape.kv_heads - 1
+    return mlp + groups if mode == "exact" else min(mlp, 1) + min(groups, 1)
+
+
+def layer_cuts(shape: LayerLayout, layer: nn.Module, fit_gram: torch.Tensor | None,
+               held: HeldOut, settings: ProfileSettings, saliency: LayerSaliency | None
+               ) -> list[LayerCut]:
+    """Every grid point of one layer except the uncut ones: R-1 MLP cuts, G-1 group cuts.
+    ``fit_gram``: the layer's float64 MLP Gram on the fit windows (with compensation)."""
+    mlp_gram, attn_gram = held_grams(layer, held.calls[shape.layer])
+    cuts = [_mlp_cut(shape, layer, step, keep, fit_gram, mlp_gram, held.positions, settings,
+                     saliency) for step, keep in _mlp_steps(shape)]
     if shape.kv_heads > 1:
         scores = group_scores(saliency, shape.q_per_kv, shape.head_dim)
         for removed in range(1, shape.kv_heads):
-            cuts.append(_group_cut(shape, layer, removed, held.attn_grams[index],
-                                   held.positions, scores))
+            cuts.append(_group_cut(shape, layer, removed, attn_gram, held.positions, scores))
     return cuts
 
 
@@ -378,12 +338,10 @@ def compute_profile(model: nn.Module, fit: torch.Tensor, ids: torch.Tensor,
     model.eval()
     try:
         saliency = _saliency(model, settings, fit)
-        grams = fit_grams(model, fit, batch_size) if settings.compensate else {}
         held = held_out_pass(model, ids)
-        shapes = layout(model)
-        per_layer = [layer_cuts(s, layer, grams.get(s.layer), held, settings, saliency[s.layer])
-                     for s, layer in zip(shapes, decoder_layers(model))]
-        total = sum(len(c) if settings.mode == "exact" else len(_anchors(c)) for c in per_layer)
+        shapes, layers = layout(model), decoder_layers(model)
+        grams = fit_grams(model, fit, batch_size) if settings.compensate else None
+        total = sum(_passes(shape, settings.mode) for shape in shapes)
         done = [0]
 
         def tick() -> None:
@@ -391,7 +349,13 @@ def compute_profile(model: nn.Module, fit: torch.Tensor, ids: torch.Tensor,
             if progress is not None:
                 progress(done[0], total)
 
-        values = [_layer_values(model, held, cuts, settings.mode, tick) for cuts in per_layer]
+        per_layer, values = [], []
+        for shape, layer in zip(shapes, layers):  # one layer's Grams and cuts at a time
+            fit_gram = next(grams) if grams is not None else None
+            cuts = layer_cuts(shape, layer, fit_gram, held, settings, saliency[shape.layer])
+            values.append(_layer_values(model, held, cuts, settings.mode, tick))
+            per_layer.append([replace(cut, down=None) for cut in cuts])  # errors and plans
+            del fit_gram, cuts
     finally:
         model.train(was_training)
     return _assemble(shapes, per_layer, values, held, settings, time.perf_counter() - start)
