@@ -4,6 +4,7 @@
     python benchmarks/layerwise_bench.py --shape llama3-8b --device cuda --paths layerwise
     python benchmarks/layerwise_bench.py --shape llama-70b --layers 4 --device cuda \\
         --paths layerwise                                       # a few layers, extrapolated
+    python benchmarks/layerwise_bench.py --shape llama3-8b --device cuda --paths sensitivity
 
 A random model of the shape (weights N(0, 0.02), norms 1) is written once as sharded
 safetensors (bf16 by default, 1 GB shards) under ``--workdir``, with the character tokenizer of
@@ -11,9 +12,11 @@ the tests (ids < 97, valid in any vocabulary). Each path then runs the ``default
 subprocess of its own, so that peak RSS (``ru_maxrss``) belongs to that path alone: in memory
 (load the whole model in fp32 on CPU / bf16 on GPU, prune, ``save_pruned``) and layer-wise
 (:func:`gqaprune_core.layerwise.pipeline.run_layerwise`, which writes the checkpoint itself).
-Calibration is small (``--windows`` x ``--seq-len`` tokens, no evaluation) so the run takes
-minutes; the numbers are memory and time, not quality. With ``--layers`` below the shape's,
-per-layer seconds are extrapolated to the shape's layer count and stated as such.
+``--paths sensitivity`` times the sensitivity profile of the ``optimized`` preset's settings
+on the whole model in memory (no disk cache; peak memory too). Calibration is small
+(``--windows`` x ``--seq-len`` tokens, no evaluation) so the run takes minutes; the numbers are
+memory and time, not quality. With ``--layers`` below the shape's, per-layer seconds are
+extrapolated to the shape's layer count and stated as such.
 
 Writes ``benchmarks/results/layerwise_<device>_<shape>.json``.
 """
@@ -109,6 +112,8 @@ def child(path: str, output: str, kind: str, device: str, windows: int, seq_len:
         num_examples=windows, seq_len=seq_len, calibration_dataset=calibration, eval_datasets=())
     cuda = device.startswith("cuda")
     start = time.perf_counter()
+    if kind == "sensitivity":
+        return _profile_child(path, config, device, start)
     if kind == "memory":
         from gqaprune_core.checkpoint import save_pruned
         from gqaprune_core.pipeline import run_pipeline
@@ -131,6 +136,30 @@ def child(path: str, output: str, kind: str, device: str, windows: int, seq_len:
             "layerwise": steps}
 
 
+def _profile_child(path: str, config, device: str, start: float) -> dict:
+    """The sensitivity profile of the ``optimized`` preset's settings on the whole model in
+    memory (issue 16's cost on a GPU): seconds, peak memory, no disk cache."""
+    from gqaprune_core.config import PRESETS
+    from gqaprune_core.models import load_model
+    from gqaprune_core.sensitivity.profile import ProfileSettings
+    from gqaprune_core.sensitivity.store import sensitivity_profile
+
+    model, tokenizer = load_model(path, device=device)
+    loaded = time.perf_counter()
+    settings = ProfileSettings.from_config(PRESETS["optimized"].with_(
+        calibration_dataset=config.calibration_dataset, seq_len=config.seq_len))
+    profile = sensitivity_profile(model, tokenizer, settings, path, use_cache=False)
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+    return {"path": "sensitivity", "wall_s": round(time.perf_counter() - start, 2),
+            "load_s": round(loaded - start, 2), "profile_s": round(profile.seconds, 2),
+            "settings": settings.to_dict(), "base_ppl": profile.base_ppl,
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_cuda_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+            "measured_points": sum(len(row) for row in profile.measured)}
+
+
 def _run_child(args: argparse.Namespace, model: Path, kind: str) -> dict:
     output = Path(args.workdir) / f"out-{args.shape}-{kind}"
     subprocess.run(["rm", "-rf", str(output)], check=True)
@@ -144,7 +173,9 @@ def _run_child(args: argparse.Namespace, model: Path, kind: str) -> dict:
         return {"path": kind, "error": done.stderr[-3000:]}
     result = json.loads(done.stdout.strip().splitlines()[-1])
     subprocess.run(["rm", "-rf", str(output)], check=True)
-    log(f"{kind}: {result['wall_s']} s, peak RSS {result['peak_rss_bytes'] / 2**30:.2f} GiB")
+    cuda = result.get("peak_cuda_bytes")
+    log(f"{kind}: {result['wall_s']} s, peak RSS {result['peak_rss_bytes'] / 2**30:.2f} GiB"
+        + (f", peak CUDA {cuda / 2**30:.2f} GiB" if cuda else ""))
     return result
 
 
@@ -166,7 +197,9 @@ def main() -> None:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="llama-1.5b")
     parser.add_argument("--layers", type=int, help="decoder layers to build (default: all)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--paths", default="memory,layerwise")
+    parser.add_argument("--paths", default="memory,layerwise",
+                        help="comma-separated: memory, layerwise, sensitivity (the profile of "
+                             "the optimized preset, in memory)")
     parser.add_argument("--windows", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--calibration", default="demo",
@@ -175,7 +208,8 @@ def main() -> None:
     parser.add_argument("--workdir", default=os.environ.get("TMPDIR", "/tmp") + "/gqaprune-lw")
     parser.add_argument("--timeout", type=int, default=1800)
     parser.add_argument("--out")
-    parser.add_argument("--child", choices=("memory", "layerwise"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=("memory", "layerwise", "sensitivity"),
+                        help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--output", help=argparse.SUPPRESS)
     args = parser.parse_args()
