@@ -32,16 +32,11 @@ import torch
 from torch import nn
 
 from gqaprune_core.config import CHANNEL_SELECTIONS
+from gqaprune_core.linalg import BLOCK, kept_block_, spd_solve_
 from gqaprune_core.models import decoder_layers, layer_output, layout
 from gqaprune_core.plan import LayerPlan, PruningPlan, identity_plan, top_k
 from gqaprune_core.surgery import cut_layer_, sync_config_, validate
 from gqaprune_core.unit_importance import fisher_channel_scores
-
-
-# The re-fit forms C_K: Wᵀ this many rows at a time, so that its memory beyond the (I, I) Gram
-# matrix stays near two (K, K) matrices (a whole (K, I) slice of an 8,192-wide MLP's Gram
-# matrix would be 268 MB in float64).
-REFIT_BLOCK_ROWS = 1024
 
 
 def select_scores(selection: str, energy: torch.Tensor, fisher: torch.Tensor | None
@@ -75,32 +70,35 @@ def channel_obs_scores(gram: torch.Tensor, down_weight: torch.Tensor, ridge: flo
 
 
 def refit_down(gram: torch.Tensor, down_weight: torch.Tensor, kept: Sequence[int],
-               ridge: float, drift: torch.Tensor | None = None, feedback: float = 0.0
-               ) -> torch.Tensor:
+               ridge: float, drift: torch.Tensor | None = None, feedback: float = 0.0, *,
+               overwrite_gram: bool = False) -> torch.Tensor:
     """Least-squares down_proj (E, K) for the kept channels, pulled toward the original weights.
 
     Args:
         gram: (I, I) ``hᵀh`` of the full intermediate activations, float64 preferred.
         down_weight: (E, I) the original down_proj weight.
-        kept: K channel indices.
+        kept: K channel indices, increasing.
         ridge: λ relative to the mean diagonal of ``C_KK``.
         drift: (I, E) ``hᵀ (r + m - r̃ - h Wᵀ)``: how the activations correlate with what the
             layer misses of the dense model's residual stream; used with ``feedback`` > 0.
         feedback: β, the share of that drift the fit also corrects.
+        overwrite_gram: solve in ``gram``'s memory (its content is lost): the re-fit then
+            needs one (K, E) matrix beyond the Gram matrix, otherwise one (K, K) more
+            (:mod:`gqaprune_core.linalg`).
     """
     index = torch.as_tensor(list(kept), dtype=torch.long, device=gram.device)
     w = down_weight.to(gram.device, gram.dtype)  # (E, I)
-    lhs = gram[index[:, None], index]  # C_KK, without a (K, I) copy of the Gram matrix
-    lam = ridge * lhs.diagonal().mean().clamp_min(1e-12)
-    rhs = lam * w[:, index].T  # (K, E)
-    for start in range(0, len(index), REFIT_BLOCK_ROWS):  # + C_K: Wᵀ, a block of rows at a time
-        rows = slice(start, start + REFIT_BLOCK_ROWS)
+    lam = ridge * gram.diagonal()[index].mean().clamp_min(1e-12)
+    rhs = w[:, index].T.contiguous().mul_(lam)  # (K, E)
+    for start in range(0, len(index), BLOCK):  # + C_K: Wᵀ, a block of rows at a time
+        rows = slice(start, start + BLOCK)
         rhs[rows] += gram[index[rows]] @ w.T
-    lhs.diagonal().add_(lam)
+    del w
     if drift is not None and feedback:
         rhs += feedback * drift[index]
-    solution = torch.linalg.solve(lhs, rhs)
-    return solution.T.to(down_weight.dtype)
+    lhs = kept_block_(gram, index) if overwrite_gram else gram[index[:, None], index]  # C_KK
+    lhs.diagonal().add_(lam)
+    return spd_solve_(lhs, rhs).T.to(down_weight.dtype)
 
 
 @torch.no_grad()
@@ -196,7 +194,8 @@ def prune_mlp_compensated_(model: nn.Module, calibration: torch.Tensor,
                 layer_scores = select_scores(selection, channel_energy(gram, mlp.down_proj.weight),
                                              None if fisher is None else fisher[index])
             kept = top_k(layer_scores, channels_to_keep[index])
-            new_down = refit_down(gram, mlp.down_proj.weight, kept, ridge, drift, feedback)
+            new_down = refit_down(gram, mlp.down_proj.weight, kept, ridge, drift, feedback,
+                                  overwrite_gram=True)
             before = plan.layers[index]
             layer_plan = LayerPlan(before.layer, before.q_heads_before, before.kv_heads_before,
                                    before.head_dim, before.mlp_before, before.kept_kv_heads, kept)

@@ -113,7 +113,8 @@ def _refit_mlp_(layer: nn.Module, shape: LayerLayout, plan: LayerPlan, cut: Laye
     gram, drift = _statistics(layer, batches, dense)
     down = layer.mlp.down_proj.weight
     kept = top_k(channel_energy(gram, down), cut.channels)
-    new_down = refit_down(gram, down, kept, cut.ridge, drift, cut.feedback)
+    new_down = refit_down(gram, down, kept, cut.ridge, drift, cut.feedback, overwrite_gram=True)
+    del gram, drift
     heads_now = len(plan.kept_kv_heads)
     mlp_only = LayerPlan(shape.layer, heads_now * shape.q_per_kv, heads_now, shape.head_dim,
                          shape.mlp_width, tuple(range(heads_now)), kept)
