@@ -154,6 +154,8 @@ def prune_mlp_compensated_(model: nn.Module, calibration: torch.Tensor,
         selection: how channels are chosen when ``scores`` is None: one of
             :data:`CHANNEL_SELECTIONS` (see :func:`select_scores`; ``fisher`` and
             ``energy+fisher`` cost one backward pass over ``calibration`` first).
+        progress: ``(done, total)`` over the Fisher pass's windows (when it runs) and then
+            the layers cut.
     """
     if not 0.0 <= feedback <= 1.0:
         raise ValueError(f"feedback={feedback} must lie in [0, 1]")
@@ -167,8 +169,12 @@ def prune_mlp_compensated_(model: nn.Module, calibration: torch.Tensor,
     handles = []
     targets = dense_residuals(model, calibration, todo) if feedback else {}
     fisher = None  # loss-weighted scores of the model as it is now (attention cut, MLPs whole)
-    if todo and scores is None and selection in ("fisher", "energy+fisher"):
-        fisher = fisher_channel_scores(model, calibration)
+    needs_fisher = bool(todo) and scores is None and selection in ("fisher", "energy+fisher")
+    # progress counts the Fisher pass's windows, then the layers cut: one bar for both
+    windows = calibration.shape[0] if needs_fisher else 0
+    if needs_fisher:
+        fisher = fisher_channel_scores(model, calibration, progress=None if progress is None else
+                                       lambda done, total: progress(done, windows + len(todo)))
     before_mlp: dict[int, torch.Tensor] = {}  # r̃: the pruned model's residual before the MLP
 
     def norm_hook(index: int):
@@ -206,7 +212,7 @@ def prune_mlp_compensated_(model: nn.Module, calibration: torch.Tensor,
             mlp.down_proj.weight.data.copy_(new_down)
             results[index] = layer_plan
             if progress is not None:
-                progress(len(results), len(todo))
+                progress(windows + len(results), windows + len(todo))
 
         return hook
 

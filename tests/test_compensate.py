@@ -133,6 +133,20 @@ def test_loss_weighted_selection_keeps_what_the_loss_needs(make_tiny, selection)
         assert kept == set(torch.topk(fisher, keep).indices.tolist())
 
 
+@pytest.mark.parametrize("selection,windows", [("energy", 0), ("energy+fisher", 12)])
+def test_progress_counts_the_fisher_pass_then_the_layers(make_tiny, selection, windows):
+    model = make_tiny("llama")
+    calibration = torch.randint(0, 97, (12, 16), generator=torch.Generator().manual_seed(4))
+    width = layout(model)[0].mlp_width
+    calls = []
+    prune_mlp_compensated_(model, calibration, [width // 2, width, width // 2],
+                           selection=selection, progress=lambda d, t: calls.append((d, t)))
+    assert {t for _, t in calls} == {windows + 2}  # one total: the windows, then 2 layers cut
+    done = [d for d, _ in calls]
+    assert done == sorted(done) and done[-1] == windows + 2 and done[-2] == windows + 1
+    assert (len(done) > 2) == bool(windows)  # the Fisher pass reports as it goes
+
+
 def test_unknown_selection_is_refused(make_tiny):
     with pytest.raises(ValueError, match="selection='obs-greedy'; choose one of energy"):
         prune_mlp_compensated_(make_tiny("llama"), torch.zeros(1, 4, dtype=torch.long), [8],
