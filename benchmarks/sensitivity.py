@@ -78,8 +78,8 @@ def exact_layers(model, tokenizer, config, layers: list[int]) -> dict:
     """Exact losses of every grid point of ``layers`` (the anchored profile's check)."""
     from gqaprune_core.models import decoder_layers, layout
     from gqaprune_core.sensitivity.grams import fit_grams
-    from gqaprune_core.sensitivity.profile import (_saliency, held_out_pass, layer_cuts,
-                                                   measure_cut)
+    from gqaprune_core.sensitivity.cuts import layer_cuts
+    from gqaprune_core.sensitivity.profile import _saliency, held_out_pass, measure_cut
     from gqaprune_core.sensitivity.store import profile_windows
 
     settings = ProfileSettings.from_config(config)

@@ -17,9 +17,11 @@ from gqaprune_core.schedule import unit_costs
 from gqaprune_core.sensitivity import store
 from gqaprune_core.sensitivity.grams import fit_grams, held_grams
 from gqaprune_core.sensitivity.optimize import optimize_units
-from gqaprune_core.sensitivity.predict import MODEL_ERROR, mlp_loss, monotone, predict
-from gqaprune_core.sensitivity.profile import (MLP_RATES, ProfileSettings, SensitivityProfile,
-                                               compute_profile, held_out_pass, layer_cuts)
+from gqaprune_core.sensitivity.predict import (MODEL_ERROR, compounding, mlp_loss, monotone,
+                                               predict)
+from gqaprune_core.sensitivity.cuts import MLP_RATES, layer_cuts
+from gqaprune_core.sensitivity.profile import (ProfileSettings, SensitivityProfile, compute_profile,
+                                               held_out_pass)
 from gqaprune_core.surgery import cut_layer_
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -186,6 +188,40 @@ def test_prediction_is_additive_and_monotone():
         predict(profile, [2, 0, 0], [0, 0, 0])
     with pytest.raises(ValueError, match="need 3 group"):
         predict(profile, [0], [0])
+
+
+def test_the_probe_scales_the_additive_sum_by_how_losses_compounded():
+    profile = synthetic()  # width 40: the probe at 30 % removes 12 channels per layer
+    additive = sum(mlp_loss(profile, layer, 12)[0] for layer in range(3))
+    probed = SensitivityProfile(**(profile.__dict__ | {
+        "probe_rate": 0.3, "probe_loss": 2.5 * additive, "probe_sigma": 0.01}))
+    assert compounding(profile) == 1.0  # no probe, no scaling
+    assert compounding(probed) == pytest.approx(2.5)
+    plain, scaled = (predict(p, [1, 0, 0], [0, 20, 4]) for p in (profile, probed))
+    assert scaled.loss_increase == pytest.approx(2.5 * plain.loss_increase)
+    assert scaled.per_layer == plain.per_layer and scaled.compounding == pytest.approx(2.5)
+    assert scaled.to_dict()["additive"] == pytest.approx(plain.loss_increase, abs=1e-6)
+    # the probe's own schedule is predicted as measured
+    assert predict(probed, [0, 0, 0], [12] * 3).loss_increase == pytest.approx(2.5 * additive)
+
+
+def test_the_probe_measures_every_layer_cut_at_once_with_sequential_refit(make_tiny, windows):
+    from gqaprune_core.compensate import prune_mlp_compensated_
+
+    model = make_tiny(layers=3)
+    fit, ids = windows
+    profile = compute_profile(model, fit, ids, ProfileSettings(mode="anchored"))
+    assert profile.probe_rate == 0.3
+    # the same schedule by the in-memory pipeline's sequential re-fit (one batch of all fit
+    # windows; the probe sums batches of 8: equal up to rounding), measured on the same windows
+    pruned = copy.deepcopy(model)
+    widths = [s.mlp_width for s in layout(model)]
+    prune_mlp_compensated_(pruned, fit, [w - round(0.3 * w) for w in widths], ridge=0.1)
+    positions = ids.shape[0] * (ids.shape[1] - 1)
+    expected = (float(window_nll(pruned, ids).sum()) - float(window_nll(model, ids).sum())) / positions
+    assert profile.probe_loss == pytest.approx(expected, rel=1e-4, abs=1e-6)
+    assert profile.probe_sigma > 0
+    assert compute_profile(model, fit, ids, ProfileSettings(probe_rate=0.0)).probe_rate == 0.0
 
 
 def _brute_force(profile, shapes, costs, budget, block):

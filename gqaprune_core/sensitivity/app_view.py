@@ -39,9 +39,12 @@ class PredictionView:
     def summary(self) -> str:
         p = self.prediction
         value, low, high = self.ppl
+        scaled = (f"; the layers' single-cut losses added up, x{p.compounding:.2f} for how "
+                  f"they compounded when every layer was cut at once (the profile's probe)"
+                  if p.compounding != 1.0 else "; the layers' single-cut losses added up")
         return (f"x{p.ratio:.2f} the dense perplexity (range x{p.low:.2f}-x{p.high:.2f}): "
                 f"{value:.1f} [{low:.1f}, {high:.1f}] on the profile's calibration windows "
-                f"(dense {self.dense_ppl:.1f})")
+                f"(dense {self.dense_ppl:.1f}){scaled}")
 
 
 def prediction_view(profile: SensitivityProfile, allocation: UnitAllocation) -> PredictionView:

@@ -4,9 +4,14 @@ Notation: L layers, G KV groups, I MLP width. For a schedule that removes ``g_l`
 ``c_l`` MLP channels of layer l::
 
     Δ_l   = group_loss[l][g_l] + mlp_curve_l(c_l / I_l)        (nats per token)
-    Σ     = Σ_l Δ_l
+    Σ     = κ · Σ_l Δ_l
     ratio = exp(Σ)                        predicted perplexity / dense perplexity
-    σ²    = Σ_l (σ_group² + σ_mlp²) + (MODEL_ERROR · Σ)²
+    σ²    = κ² Σ_l (σ_group² + σ_mlp²) + (MODEL_ERROR · Σ)²
+
+κ, the compounding factor, is the profile's joint probe (every layer's MLP cut at once, see
+:mod:`gqaprune_core.sensitivity.probe`) measured, over the additive sum for that same
+schedule: how much more (or less) than the sum of single-layer losses cuts in all layers cost.
+A profile without a probe has κ = 1.
 
 ``mlp_curve_l`` interpolates the profile's grid linearly over the *effective* losses
 ``max(loss, sigma)`` made non-decreasing: a cut whose measured loss is within one standard
@@ -14,8 +19,8 @@ error of zero (or below it: noise on ~1,000 tokens) counts as one standard error
 noisy layer does not look free (the optimizer would otherwise pour the budget into it);
 removing more never helps in expectation. The same holds for the groups.
 The first term of σ² is the sampling error of the profile windows; the second the error of the
-additive model itself, a constant measured by ``benchmarks/sensitivity.py predict`` (single-
-layer losses do not simply add when many layers are cut). The interval is
+scaled additive model itself, a constant measured by ``benchmarks/sensitivity.py measure``
+(schedules unlike the probe compound differently). The interval is
 ``exp(Σ ∓ Z · σ)``. Everything here is plain arithmetic on lists: a prediction takes well
 under a millisecond (the app's sliders call it on every change).
 """
@@ -40,7 +45,8 @@ Z = 1.0  # the interval is +- one sigma
 class Prediction:
     """A schedule's predicted loss increase ``loss_increase`` (Σ, nats per token) with its
     standard deviation ``sigma``, the predicted perplexity ratio to dense ``ratio = exp(Σ)`` and
-    its interval ``[low, high]``; ``per_layer``: the L terms Δ_l."""
+    its interval ``[low, high]``; ``per_layer``: the L terms Δ_l (before the compounding
+    factor ``compounding``, κ)."""
 
     loss_increase: float
     sigma: float
@@ -48,6 +54,7 @@ class Prediction:
     low: float
     high: float
     per_layer: tuple[float, ...]
+    compounding: float = 1.0
 
     def ppl(self, dense_ppl: float) -> tuple[float, float, float]:
         """``(predicted, low, high)`` perplexity given the dense model's on some text."""
@@ -56,7 +63,8 @@ class Prediction:
     def to_dict(self) -> dict:
         return {"loss_increase": round(self.loss_increase, 6), "sigma": round(self.sigma, 6),
                 "ratio": round(self.ratio, 4), "low": round(self.low, 4),
-                "high": round(self.high, 4)}
+                "high": round(self.high, 4), "compounding": round(self.compounding, 4),
+                "additive": round(sum(self.per_layer), 6)}
 
 
 def effective(losses: Sequence[float], sigmas: Sequence[float]) -> list[float]:
@@ -111,6 +119,16 @@ def group_loss(profile: SensitivityProfile, layer: int, groups_removed: int
     return curve[groups_removed], abs(profile.group_sigma[layer][groups_removed])
 
 
+def compounding(profile: SensitivityProfile) -> float:
+    """κ: the joint probe's measured loss increase over the additive sum for its schedule
+    (every layer loses ``round(probe_rate * I_l)`` MLP channels); 1.0 without a probe."""
+    if not profile.probe_rate:
+        return 1.0
+    additive = sum(mlp_loss(profile, layer, round(profile.probe_rate * width))[0]
+                   for layer, width in enumerate(profile.mlp_widths))
+    return max(profile.probe_loss, 0.0) / additive if additive > 0 else 1.0
+
+
 def predict(profile: SensitivityProfile, groups_removed: Sequence[int],
             channels_removed: Sequence[int]) -> Prediction:
     """The prediction for a schedule given as L group and L channel counts removed.
@@ -127,10 +145,11 @@ def predict(profile: SensitivityProfile, groups_removed: Sequence[int],
         m_loss, m_sigma = mlp_loss(profile, layer, channels)
         terms.append(g_loss + m_loss)
         variance += g_sigma ** 2 + m_sigma ** 2
-    total = sum(terms)
-    sigma = math.sqrt(variance + (MODEL_ERROR * total) ** 2)
+    factor = compounding(profile)
+    total = factor * sum(terms)
+    sigma = math.sqrt(factor ** 2 * variance + (MODEL_ERROR * total) ** 2)
     return Prediction(total, sigma, math.exp(total), math.exp(total - Z * sigma),
-                      math.exp(total + Z * sigma), tuple(terms))
+                      math.exp(total + Z * sigma), tuple(terms), factor)
 
 
 def predict_kept(profile: SensitivityProfile, groups_to_keep: Sequence[int],

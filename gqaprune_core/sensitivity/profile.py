@@ -22,8 +22,12 @@ How, forward-only (Taylor unit scores add one backward pass over a few windows):
    (channel choice and re-fit), and layer l re-run on its recorded profile input gives the
    Grams of its MLP activations and of ``o_proj``'s input on that text (:mod:`.grams`: one
    layer's Grams in memory at a time, not all L);
-3. a cut is applied to a copy of layer l, and the recorded input of layer l runs through the
-   copy and layers l+1..L-1 only (layers before l are never recomputed): the measured loss.
+3. a cut (:mod:`.cuts`) is applied to a copy of layer l, and the recorded input of layer l
+   runs through the copy and layers l+1..L-1 only (layers before l are never recomputed): the
+   measured loss;
+4. with compensation, the joint probe (:mod:`.probe`) cuts a copy of layer l too, at one MLP
+   rate for all layers, and carries its own streams on through it: after the last layer, the
+   loss of every layer cut at once (``probe_loss``), which the predictor scales by.
 
 ``mode="exact"`` does step 3 at every grid point. ``mode="anchored"`` (default, about 5x
 cheaper) does it at one anchor per layer and part (:data:`ANCHOR_MLP_RATE`, one group) and
@@ -44,20 +48,17 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from gqaprune_core.compensate import channel_energy, refit_down
 from gqaprune_core.evaluate import nll_from_hidden
-from gqaprune_core.geometry import group_indices
 from gqaprune_core.layer_importance import record_calls  # the shared prefix-reuse machinery
 from gqaprune_core.models import LayerLayout, decoder_layers, layout
-from gqaprune_core.plan import LayerPlan, top_k
-from gqaprune_core.sensitivity.grams import fit_grams, held_grams
+from gqaprune_core.sensitivity.cuts import MLP_RATES, LayerCut, layer_cuts, mlp_steps
+from gqaprune_core.sensitivity.grams import fit_grams
+from gqaprune_core.sensitivity.probe import PROBE_MLP_RATE, JointProbe
 from gqaprune_core.surgery import cut_layer_
-from gqaprune_core.unit_importance import (LayerSaliency, channel_scores, group_scores,
-                                           layer_saliency)
+from gqaprune_core.unit_importance import LayerSaliency, layer_saliency
 
 Mode = Literal["exact", "anchored"]
 MODES: tuple[str, ...] = ("exact", "anchored")
-MLP_RATES: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(10))  # 0 .. 0.9
 ANCHOR_MLP_RATE = 0.5
 PROFILE_SEED_OFFSET = 7919  # profile windows are drawn apart from the pipeline's calibration
 SCORE_WINDOWS = 8  # fit windows used for Taylor/activation unit scores
@@ -78,6 +79,7 @@ class ProfileSettings:
     compensate: bool = True
     refit_ridge: float = 0.1
     mode: Mode = "anchored"
+    probe_rate: float = PROBE_MLP_RATE  # the joint probe's MLP rate (probe.py); 0: none
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -89,6 +91,8 @@ class ProfileSettings:
             if getattr(self, name) < 2:
                 raise ValueError(f"sensitivity {name}={getattr(self, name)} must be >= 2 "
                                  "(the uncertainty needs at least two windows)")
+        if not 0.0 <= self.probe_rate < 1.0:
+            raise ValueError(f"sensitivity probe_rate={self.probe_rate} must lie in [0, 1)")
         for name in ("fit_seq_len", "seq_len"):
             if getattr(self, name) < 2:
                 raise ValueError(f"sensitivity {name}={getattr(self, name)} must be >= 2")
@@ -133,6 +137,9 @@ class SensitivityProfile:
     measured: tuple[tuple[str, ...], ...] = ()
     inputs: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    probe_rate: float = 0.0  # the joint probe (probe.py): its MLP rate, 0 if none was run,
+    probe_loss: float = 0.0  # and its measured loss increase with standard error
+    probe_sigma: float = 0.0
 
     @property
     def layers(self) -> int:
@@ -156,7 +163,8 @@ class SensitivityProfile:
                    tuple(int(g) for g in data["kv_heads"]), float(data["base_loss"]),
                    int(data["tokens"]), str(data["mode"]), table("mlp_error"),
                    table("group_error"), table("measured"), dict(data.get("inputs") or {}),
-                   float(data.get("seconds", 0.0)))
+                   float(data.get("seconds", 0.0)), float(data.get("probe_rate", 0.0)),
+                   float(data.get("probe_loss", 0.0)), float(data.get("probe_sigma", 0.0)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,79 +193,10 @@ def held_out_pass(model: nn.Module, ids: torch.Tensor) -> HeldOut:
     return HeldOut(ids, calls, base)
 
 
-# ---------------------------------------------------------------------------------------------
-# cuts of one layer
-
-
-@dataclass(frozen=True, eq=False)
-class LayerCut:
-    """One grid point of one layer: what it keeps, a re-fit down_proj (E, K) if any, and the
-    local output change on the profile windows."""
-
-    part: str  # "mlp" or "group"
-    step: int  # grid index r, or groups removed k
-    plan: LayerPlan
-    down: torch.Tensor | None
-    error: float
-
-
-def _mlp_cut(shape: LayerLayout, layer: nn.Module, step: int, keep: int, fit_gram: torch.Tensor,
-             held_gram: torch.Tensor, positions: int, settings: ProfileSettings,
-             saliency: LayerSaliency | None) -> LayerCut:
-    weight = layer.mlp.down_proj.weight.detach()
-    if settings.compensate:
-        kept = top_k(channel_energy(fit_gram, weight), keep)
-        down = refit_down(fit_gram, weight, kept, settings.refit_ridge)
-    else:
-        kept, down = top_k(channel_scores(saliency), keep), None
-    new = torch.zeros_like(weight, dtype=torch.float32)
-    index = torch.as_tensor(kept, dtype=torch.long)
-    new[:, index] = (weight[:, index] if down is None else down).float()
-    delta = weight.float() - new  # (E, I): the output change is h @ deltaᵀ
-    error = float(((delta @ held_gram) * delta).sum()) / positions
-    plan = LayerPlan(shape.layer, shape.q_heads, shape.kv_heads, shape.head_dim,
-                     shape.mlp_width, tuple(range(shape.kv_heads)), kept)
-    return LayerCut("mlp", step, plan, down, error)
-
-
-def _group_cut(shape: LayerLayout, layer: nn.Module, removed: int, held_gram: torch.Tensor,
-               positions: int, scores: torch.Tensor) -> LayerCut:
-    kept = top_k(scores, shape.kv_heads - removed)
-    gone = [g for g in range(shape.kv_heads) if g not in kept]
-    columns = group_indices(gone, shape.q_per_kv, shape.head_dim)[0]
-    out = layer.self_attn.o_proj.weight.detach().float()[:, columns]  # (E, removed*q_per_kv*D)
-    error = float(((out @ held_gram[columns][:, columns]) * out).sum()) / positions
-    plan = LayerPlan(shape.layer, shape.q_heads, shape.kv_heads, shape.head_dim,
-                     shape.mlp_width, kept, tuple(range(shape.mlp_width)))
-    return LayerCut("group", removed, plan, None, error)
-
-
-def _mlp_steps(shape: LayerLayout) -> list[tuple[int, int]]:
-    """(grid index, channels kept) of the layer's MLP cuts: every rate but 0 that keeps one."""
-    keeps = [(step, shape.mlp_width - round(rate * shape.mlp_width))
-             for step, rate in enumerate(MLP_RATES)]
-    return [(step, keep) for step, keep in keeps if step and keep >= 1]
-
-
 def _passes(shape: LayerLayout, mode: str) -> int:
     """Forward passes the layer's cuts take: every cut (exact) or its anchors."""
-    mlp, groups = len(_mlp_steps(shape)), shape.kv_heads - 1
+    mlp, groups = len(mlp_steps(shape)), shape.kv_heads - 1
     return mlp + groups if mode == "exact" else min(mlp, 1) + min(groups, 1)
-
-
-def layer_cuts(shape: LayerLayout, layer: nn.Module, fit_gram: torch.Tensor | None,
-               held: HeldOut, settings: ProfileSettings, saliency: LayerSaliency | None
-               ) -> list[LayerCut]:
-    """Every grid point of one layer except the uncut ones: R-1 MLP cuts, G-1 group cuts.
-    ``fit_gram``: the layer's float64 MLP Gram on the fit windows (with compensation)."""
-    mlp_gram, attn_gram = held_grams(layer, held.calls[shape.layer])
-    cuts = [_mlp_cut(shape, layer, step, keep, fit_gram, mlp_gram, held.positions, settings,
-                     saliency) for step, keep in _mlp_steps(shape)]
-    if shape.kv_heads > 1:
-        scores = group_scores(saliency, shape.q_per_kv, shape.head_dim)
-        for removed in range(1, shape.kv_heads):
-            cuts.append(_group_cut(shape, layer, removed, attn_gram, held.positions, scores))
-    return cuts
 
 
 @torch.no_grad()
@@ -273,6 +212,13 @@ def measure_cut(model: nn.Module, held: HeldOut, cut: LayerCut) -> tuple[float, 
     hidden = held.calls[index].run(variant, held.calls[index].hidden)
     for later in range(index + 1, len(layers)):
         hidden = held.calls[later].run(layers[later], hidden)
+    return loss_increase(model, held, hidden)
+
+
+@torch.no_grad()
+def loss_increase(model: nn.Module, held: HeldOut, hidden: torch.Tensor) -> tuple[float, float]:
+    """Mean NLL increase per token over the dense model, and its standard error over the
+    windows, of the last layer's outputs ``hidden`` (B, T, E) on the profile windows."""
     rows = nll_from_hidden(model, hidden, held.ids, normalized=False).cpu()
     per_token = (rows - held.base_rows.cpu()) / (held.ids.shape[1] - 1)
     return float(per_token.mean()), float(per_token.std() / math.sqrt(per_token.numel()))
@@ -341,6 +287,8 @@ def compute_profile(model: nn.Module, fit: torch.Tensor, ids: torch.Tensor,
         held = held_out_pass(model, ids)
         shapes, layers = layout(model), decoder_layers(model)
         grams = fit_grams(model, fit, batch_size) if settings.compensate else None
+        probe = (JointProbe(model, fit, held.calls[0], settings.probe_rate, settings.refit_ridge,
+                            batch_size) if settings.compensate and settings.probe_rate else None)
         total = sum(_passes(shape, settings.mode) for shape in shapes)
         done = [0]
 
@@ -356,9 +304,14 @@ def compute_profile(model: nn.Module, fit: torch.Tensor, ids: torch.Tensor,
             values.append(_layer_values(model, held, cuts, settings.mode, tick))
             per_layer.append([replace(cut, down=None) for cut in cuts])  # errors and plans
             del fit_gram, cuts
+            if probe is not None:
+                probe.step(shape, layer, held.calls[shape.layer])
+        probed = loss_increase(model, held, probe.hidden) if probe is not None else (0.0, 0.0)
     finally:
         model.train(was_training)
-    return _assemble(shapes, per_layer, values, held, settings, time.perf_counter() - start)
+    profile = _assemble(shapes, per_layer, values, held, settings, time.perf_counter() - start)
+    return replace(profile, probe_rate=settings.probe_rate if probe is not None else 0.0,
+                   probe_loss=probed[0], probe_sigma=probed[1])
 
 
 def _assemble(shapes: Sequence[LayerLayout], per_layer: Sequence[Sequence[LayerCut]],

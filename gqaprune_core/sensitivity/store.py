@@ -24,9 +24,9 @@ from torch import nn
 from gqaprune_core.data import calibration_batch
 from gqaprune_core.layer_importance import weights_fingerprint
 from gqaprune_core.models import cache_dir, layout
-from gqaprune_core.sensitivity.profile import (MLP_RATES, PROFILE_SEED_OFFSET, Progress,
-                                               ProfileSettings, SensitivityProfile,
-                                               compute_profile)
+from gqaprune_core.sensitivity.cuts import MLP_RATES
+from gqaprune_core.sensitivity.profile import (PROFILE_SEED_OFFSET, Progress, ProfileSettings,
+                                               SensitivityProfile, compute_profile)
 
 FORMAT_VERSION = 1
 

@@ -1,0 +1,57 @@
+"""The joint probe: one whole schedule cut and measured while the profile is made, so that
+the predictor can scale its additive sum by how single-layer losses compound.
+
+Notation: L layers, I MLP width, r the probe rate.
+
+Single-layer losses do not simply add: measured on held-out text, whole schedules lost
+1.8-3.5x the sum of their layers' losses (BENCHMARKS.md, "Sensitivity and prediction"). The
+probe measures that factor for the model at hand: every layer loses ``round(r * I)`` MLP
+channels, chosen by output energy and re-fit on the fit windows *as the probe's own earlier
+cuts change them* (as the pipeline's sequential re-fit does), and the profile windows run
+through all L cut layers at once. The profile stores the measured loss increase; the
+predictor divides it by its own additive sum for the same schedule
+(:func:`gqaprune_core.sensitivity.predict.compounding`).
+
+It walks the layers with the profile: :meth:`JointProbe.step` is called with layer l after
+layer l-1, cuts a copy of it, and advances the probe's fit and profile streams through that
+copy; a layer's copy is dropped once both streams have passed it.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from gqaprune_core.layer_importance import LayerCall
+from gqaprune_core.layerwise.prune import LayerCut, prune_layer_
+from gqaprune_core.layerwise.stream import embed
+from gqaprune_core.models import LayerLayout
+
+PROBE_MLP_RATE = 0.3  # near what a 20 % cut of all parameters takes from the MLPs
+
+
+class JointProbe:
+    """The probe's two streams: the fit windows (re-fit statistics) and the profile windows
+    (the measured loss), both through the layers cut so far."""
+
+    def __init__(self, model: nn.Module, fit: torch.Tensor, first_call: LayerCall, rate: float,
+                 ridge: float, batch_size: int) -> None:
+        device = next(model.parameters()).device
+        self.fit = embed(model, fit, batch_size, device, store=device)
+        self.hidden = first_call.hidden
+        self.rate, self.ridge = rate, ridge
+
+    @torch.no_grad()
+    def step(self, shape: LayerLayout, layer: nn.Module, call: LayerCall) -> None:
+        """Cut a copy of ``layer`` (the probe's rate of its MLP channels, energy and re-fit on
+        the probe's fit stream) and advance both streams through it."""
+        keep = shape.mlp_width - round(self.rate * shape.mlp_width)
+        variant = copy.deepcopy(layer)
+        if keep < shape.mlp_width:
+            cut = LayerCut(shape.kv_heads, keep, "magnitude", compensate=True, ridge=self.ridge)
+            prune_layer_(variant, shape, cut, self.fit)  # cuts and advances the fit stream
+        else:
+            self.fit.advance(variant)
+        self.hidden = call.run(variant, self.hidden)
