@@ -32,8 +32,7 @@ import argparse
 import shlex
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -42,6 +41,7 @@ from typing import Any
 from gqaprune_core import cli_checks as checks
 from gqaprune_core import interrupts, outputs, runlock
 from gqaprune_core.cli_flags import UsageError, build_parser, config_from_args
+from gqaprune_core.cli_progress import ProgressBars, library_progress
 from gqaprune_core.config import PruneConfig
 
 # ---- checks before anything is written ---------------------------------------------------------
@@ -106,44 +106,6 @@ def prepare(args: argparse.Namespace, config: PruneConfig) -> Prepared:
 
 
 # ---- the run ---------------------------------------------------------------------------------
-
-class ProgressBars:
-    """tqdm bars on stderr: one per stage, a new one when a stage restarts (next corpus)."""
-
-    def __init__(self, enabled: bool = True) -> None:
-        self.enabled = enabled
-        self.bar = None
-        self.stage = ""
-        self.postfix = ""
-
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        if not self.enabled:
-            return
-        if self.bar is None or stage != self.stage or total != self.bar.total or done < self.bar.n:
-            from tqdm import tqdm
-
-            self.close()
-            self.bar = tqdm(total=total, desc=stage.replace("_", " "), file=sys.stderr,
-                            dynamic_ncols=True)
-            self.stage = stage
-        if self.postfix:
-            self.bar.set_postfix_str(self.postfix, refresh=False)
-            self.postfix = ""
-        self.bar.update(done - self.bar.n)
-        if done >= total:
-            self.close()
-
-    def step(self, event) -> None:
-        """A layer-wise stage finished a layer (a LayerStep; called before the bar moves):
-        its seconds and the memory in use go beside the bar."""
-        self.postfix = (f"layer {event.index + 1}/{event.total}, {event.seconds:.2f} s/layer, "
-                        f"{event.memory_bytes / 2**30:.2f} GiB")
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
 
 @dataclass
 class CliRun:
@@ -311,23 +273,6 @@ def _one_line(err: BaseException) -> str:
     return text or type(err).__name__
 
 
-@contextmanager
-def _library_progress(enabled: bool) -> Iterator[None]:
-    """Hide transformers' own progress bars (weight loading) under --quiet, then restore."""
-    if enabled:
-        yield
-        return
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
-
-
 def _claim_run_dir(args: argparse.Namespace, paths: outputs.RunPaths,
                    stamp: str) -> tuple[outputs.RunPaths, runlock.RunLock]:
     """Lock the run directory (see :mod:`gqaprune_core.runlock`), then clear or create it.
@@ -381,7 +326,7 @@ def execute(argv: Sequence[str] | None = None) -> CliRun:
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    with _library_progress(not args.quiet), interrupts.signals_as_exceptions():
+    with library_progress(not args.quiet), interrupts.signals_as_exceptions():
         stamp = datetime.now().strftime("%Y-%m-%d-%H-%M-%S")
         config, paths = _early_checks(args, stamp)
         prep = prepare(args, config)
