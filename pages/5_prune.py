@@ -179,6 +179,9 @@ def show_run(run: support.PruneRun) -> None:
                     delta_color="inverse")
     if run.split is not None:
         st.caption(run.split.summary())
+    substituted = (report.get("layerwise") or {}).get("channel_selection")
+    if substituted:
+        st.info(f"Pruned layer by layer from disk: MLP channels were chosen by {substituted}.")
     left, right = st.columns(2)
     left.plotly_chart(_charts.head_counts_figure(report), key=f"heads_{run.number}")
     right.plotly_chart(_charts.mlp_figure(report), key=f"mlp_{run.number}")
@@ -211,7 +214,8 @@ def show_prediction(run: support.PruneRun) -> None:
     if table.empty:
         return
     st.markdown("**Predicted next to measured** (perplexity x dense after pruning; the "
-                "prediction adds up the sensitivity profile's single-layer losses)")
+                "prediction adds up the sensitivity profile's single-layer losses, scaled by "
+                "how they compounded when the profile's probe cut every layer at once)")
     st.dataframe(table, hide_index=True, key=f"predicted_{run.number}", column_config={
         name: st.column_config.NumberColumn(format="%.3f")
         for name in table.columns if name != "corpus"})
