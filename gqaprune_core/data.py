@@ -166,6 +166,19 @@ def mixture(parts: list[Corpus]) -> Corpus:
                   tuple(d for p in parts for d in p.evaluation), tuple(parts))
 
 
+def fit_and_validation(name: str) -> tuple[Corpus, Corpus]:
+    """The fit share of every source of ``name`` (``NAME:fit``; a source already named so
+    stays) and, as a corpus whose *calibration* part they are, its validation documents: two
+    corpora to draw calibration windows from, disjoint by document (mixtures keep their
+    parts). Raises :class:`CorpusError` when a source has too few documents to split."""
+    parts = [part if part.endswith(":fit") else f"{part}:fit" for part in name.split("+")]
+    fits = [load_corpus(part) for part in parts]
+    held = [Corpus(f"{fit.name}:validation", fit.evaluation, ()) for fit in fits]
+    if len(fits) == 1:
+        return fits[0], held[0]
+    return mixture(fits), mixture(held)
+
+
 def tokenize_documents(tokenizer, documents: tuple[str, ...]) -> torch.Tensor:
     """One 1-D LongTensor: the documents joined by blank lines, without special tokens.
 

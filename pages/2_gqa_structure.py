@@ -118,8 +118,8 @@ elif not _ui.job_running("group_scores"):
     st.info("No group scores yet: **Compute group scores** runs a few backward passes.")
 
 st.subheader("What cutting groups costs")
-st.markdown("From the **sensitivity profile**: the perplexity (x dense, on calibration windows) "
-            "when one layer alone loses its weakest GQA group, or two, everything else intact. "
+st.markdown("From the **sensitivity profile**: the perplexity (x dense, on held-out calibration "
+            "text) when one layer alone loses its weakest GQA group, or two, everything else intact. "
             "One group of this model is a third of a layer's attention; compare with what the "
             "same parameters in MLP channels cost on *Layer importance*.")
 group_profile = _ui.profile_panel(loaded)

@@ -63,9 +63,11 @@ if statistics:
 
 st.subheader("Sensitivity profile")
 st.markdown("What cutting each layer *alone* costs: the perplexity (x dense, on calibration "
-            "windows) with a share of its MLP channels removed and re-fit as a run would, "
-            "everything else intact. Rate tuning adds these up into the predicted perplexity, "
-            "and the **optimized** strategy spends the budget where it costs least.")
+            "documents held out from the fit) with a share of its MLP channels removed and "
+            "re-fit as a run would, everything else intact. Rate tuning adds these up, scaled "
+            "by how they compounded when the profile cut every layer at once, into the "
+            "predicted perplexity, and the **optimized** strategy spends the budget where it "
+            "costs least.")
 profile = _ui.profile_panel(loaded)
 if profile is not None:
     st.plotly_chart(_charts.profile_heatmap(*sensitivity_view.heatmap(profile)),

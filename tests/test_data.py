@@ -39,6 +39,20 @@ def test_mixture_draws_calibration_windows_from_each_source_equally(tmp_path, ti
     assert torch.equal(batch, again)
 
 
+def test_fit_and_validation_split_the_calibration_documents(tmp_path):
+    fit, held = data.fit_and_validation("demo+pydoc")
+    for part_fit, part_held, name in zip(fit.parts, held.parts, ("demo", "pydoc")):
+        calibration = load_corpus(name).calibration
+        assert part_fit.calibration + part_held.calibration == calibration  # 70 % + 30 %
+        assert len(part_held.calibration) == round(0.3 * len(calibration))
+        assert not part_held.evaluation  # windows are drawn from the validation documents
+    assert data.fit_and_validation("demo:fit")[0] == load_corpus("demo:fit")  # already a share
+    single = tmp_path / "two.txt"  # one calibration document, one evaluation document
+    single.write_text("one document only " * 50 + "\n\n" + "the other one " * 50)
+    with pytest.raises(CorpusError, match="too few"):
+        data.fit_and_validation(str(single))
+
+
 def test_text_file_corpus(tmp_path):
     path = tmp_path / "notes.txt"
     path.write_text("\n\n".join(f"Document number {i} says hello." for i in range(10)))

@@ -141,6 +141,29 @@ def test_profile_is_cached_and_missed_on_other_weights(tiny_tokenizer, make_tiny
         store.sensitivity_profile(model, tiny_tokenizer, settings, "tiny", cache_root=tmp_path)
 
 
+def test_profile_windows_measure_on_documents_the_fit_never_saw(tiny_tokenizer, tmp_path):
+    from gqaprune_core.data import fit_and_validation, tokenize_documents
+
+    settings = ProfileSettings(corpus="pydoc", fit_samples=4, fit_seq_len=32, samples=3,
+                               seq_len=24)
+    fit, ids = store.profile_windows(tiny_tokenizer, settings)
+    fit_corpus, held = fit_and_validation("pydoc")
+
+    def inside(rows, documents):
+        text = tokenize_documents(tiny_tokenizer, documents).tolist()
+        joined = ",".join(map(str, text))
+        return all(",".join(map(str, row.tolist())) in joined for row in rows)
+
+    assert inside(fit, fit_corpus.calibration) and inside(ids, held.calibration)
+    assert not inside(ids[:1], fit_corpus.calibration)
+    # one calibration document cannot be split: the profile falls back to one part
+    single = tmp_path / "two.txt"
+    single.write_text("a single long document, " * 40 + "\n\n" + "and the evaluation one " * 9)
+    fit, ids = store.profile_windows(tiny_tokenizer, settings.__class__(
+        corpus=str(single), fit_samples=2, fit_seq_len=16, samples=2, seq_len=16))
+    assert fit.shape == (2, 16) and ids.shape == (2, 16)
+
+
 def test_damaged_cache_file_is_refused_with_its_path(tmp_path):
     path = tmp_path / "p.json"
     path.write_text("{not json")

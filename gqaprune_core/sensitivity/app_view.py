@@ -26,7 +26,7 @@ from gqaprune_core.sensitivity.store import sensitivity_profile
 @dataclass(frozen=True)
 class PredictionView:
     """What Rate tuning shows: the prediction, the perplexity it implies on the profile's own
-    calibration windows, and how long it took (ms)."""
+    windows (validation documents of the calibration text), and how long it took (ms)."""
 
     prediction: Prediction
     dense_ppl: float
@@ -43,7 +43,7 @@ class PredictionView:
                   f"they compounded when every layer was cut at once (the profile's probe)"
                   if p.compounding != 1.0 else "; the layers' single-cut losses added up")
         return (f"x{p.ratio:.2f} the dense perplexity (range x{p.low:.2f}-x{p.high:.2f}): "
-                f"{value:.1f} [{low:.1f}, {high:.1f}] on the profile's calibration windows "
+                f"{value:.1f} [{low:.1f}, {high:.1f}] on the profile's held-out calibration text "
                 f"(dense {self.dense_ppl:.1f}){scaled}")
 
 

@@ -21,14 +21,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from gqaprune_core.data import calibration_batch
+from gqaprune_core.data import CorpusError, calibration_batch, fit_and_validation, load_corpus
 from gqaprune_core.layer_importance import weights_fingerprint
 from gqaprune_core.models import cache_dir, layout
 from gqaprune_core.sensitivity.cuts import MLP_RATES
 from gqaprune_core.sensitivity.profile import (PROFILE_SEED_OFFSET, Progress, ProfileSettings,
                                                SensitivityProfile, compute_profile)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: profile windows from validation documents, fit windows from the rest
 
 
 def _digest(ids: torch.Tensor) -> str:
@@ -36,11 +36,18 @@ def _digest(ids: torch.Tensor) -> str:
 
 
 def profile_windows(tokenizer, settings: ProfileSettings) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(fit, ids)``: the fit windows (the pipeline's calibration draw) and the profile windows
-    (other windows of the same calibration part, seed + PROFILE_SEED_OFFSET)."""
-    fit = calibration_batch(tokenizer, settings.corpus, settings.fit_samples,
-                            settings.fit_seq_len, settings.seed)
-    ids = calibration_batch(tokenizer, settings.corpus, settings.samples, settings.seq_len,
+    """``(fit, ids)``: the fit windows (channel choice and re-fit) from the first 70 % of each
+    source's calibration documents (``NAME:fit``), the profile windows (the measured losses)
+    from the other 30 %, documents the cuts were not fitted on, as the text a pruned model
+    meets is not. A source too small to split (one document) falls back to the pipeline's
+    calibration draw and other windows of the same documents (seed + PROFILE_SEED_OFFSET)."""
+    try:
+        fit_corpus, held = fit_and_validation(settings.corpus)
+    except CorpusError:
+        fit_corpus = held = load_corpus(settings.corpus)
+    fit = calibration_batch(tokenizer, fit_corpus, settings.fit_samples, settings.fit_seq_len,
+                            settings.seed)
+    ids = calibration_batch(tokenizer, held, settings.samples, settings.seq_len,
                             settings.seed + PROFILE_SEED_OFFSET)
     return fit, ids
 
