@@ -58,6 +58,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "previous/energy+fisher": (DPW, {"alpha": 2.0}),
     "default/256x256": (DPW, {"num_examples": 256}),
     "default/fisher": (DPW, {"channel_selection": "fisher"}),
+    "default/ridge-0.3": (DPW, {"refit_ridge": 0.3}),
+    "default/ridge-0.03": (DPW, {"refit_ridge": 0.03}),
     "previous/64x512": (DPW, {"alpha": 2.0, "channel_selection": "energy", "num_examples": 64,
                                "seq_len": 512}),
     "previous/256x256": (DPW, {"alpha": 2.0, "channel_selection": "energy",
