@@ -15,13 +15,14 @@ profile windows):
 
 How, forward-only (Taylor unit scores add one backward pass over a few windows):
 
-1. one pass over the *profile* windows (other windows of the same calibration part, seed +
-   :data:`PROFILE_SEED_OFFSET`) records every layer's input and the per-window base NLL;
-2. then layer by layer: the *fit* windows (the calibration corpus and seed the pipeline uses)
-   advance through layer l, giving the Gram matrix ``hᵀh`` (I x I) of its MLP activations
-   (channel choice and re-fit), and layer l re-run on its recorded profile input gives the
-   Grams of its MLP activations and of ``o_proj``'s input on that text (:mod:`.grams`: one
-   layer's Grams in memory at a time, not all L);
+1. one pass over the *profile* windows (drawn from 30 % of the calibration part's documents,
+   which the fit windows never come from: :func:`.store.profile_windows`) records every
+   layer's input and the per-window base NLL;
+2. then layer by layer: the *fit* windows (from the other 70 %) advance through layer l,
+   giving the Gram matrix ``hᵀh`` (I x I) of its MLP activations (channel choice and
+   re-fit), and layer l re-run on its recorded profile input gives the Grams of its MLP
+   activations and of ``o_proj``'s input on that text (:mod:`.grams`: one layer's Grams in
+   memory at a time, not all L);
 3. a cut (:mod:`.cuts`) is applied to a copy of layer l, and the recorded input of layer l
    runs through the copy and layers l+1..L-1 only (layers before l are never recomputed): the
    measured loss;
