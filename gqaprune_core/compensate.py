@@ -87,12 +87,18 @@ def refit_down(gram: torch.Tensor, down_weight: torch.Tensor, kept: Sequence[int
             (:mod:`gqaprune_core.linalg`).
     """
     index = torch.as_tensor(list(kept), dtype=torch.long, device=gram.device)
-    w = down_weight.to(gram.device, gram.dtype)  # (E, I)
+    w = down_weight.to(gram.device)  # (E, I), in its own dtype
     lam = ridge * gram.diagonal()[index].mean().clamp_min(1e-12)
-    rhs = w[:, index].T.contiguous().mul_(lam)  # (K, E)
-    for start in range(0, len(index), BLOCK):  # + C_K: Wᵀ, a block of rows at a time
+    rhs = w.T.index_select(0, index).to(gram.dtype).mul_(lam)  # (K, E), cast after the gather
+    # + C_K: Wᵀ in (b, I) x (I, b) blocks: W cast to the Gram matrix's dtype at once would be
+    # one more (E, I) matrix (in float64 twice the size of down_proj in float32)
+    for start in range(0, len(index), BLOCK):
         rows = slice(start, start + BLOCK)
-        rhs[rows] += gram[index[rows]] @ w.T
+        gathered = gram[index[rows]]  # (b, I)
+        for col in range(0, w.shape[0], BLOCK):
+            cols = slice(col, col + BLOCK)
+            rhs[rows, cols] += gathered @ w[cols].to(gram.dtype).T
+        del gathered  # not kept through the solve
     del w
     if drift is not None and feedback:
         rhs += feedback * drift[index]

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from gqaprune_core.compensate import channel_energy, mlp_activations, refit_down
-from gqaprune_core.layerwise.stream import HiddenBatches
+from gqaprune_core.layerwise.stream import HiddenBatches, trim_heap
 from gqaprune_core.models import LayerLayout
 from gqaprune_core.plan import LayerPlan, top_k
 from gqaprune_core.pruner import layer_plan_from_saliency
@@ -111,6 +111,7 @@ def _refit_mlp_(layer: nn.Module, shape: LayerLayout, plan: LayerPlan, cut: Laye
                 batches: HiddenBatches, dense: list[torch.Tensor] | None) -> LayerPlan:
     """Choose channels by output energy, re-fit down_proj, cut; returns the layer's plan."""
     gram, drift = _statistics(layer, batches, dense)
+    trim_heap()  # that pass's activations leave heap holes the re-fit's large blocks cannot use
     down = layer.mlp.down_proj.weight
     kept = top_k(channel_energy(gram, down), cut.channels)
     new_down = refit_down(gram, down, kept, cut.ridge, drift, cut.feedback, overwrite_gram=True)

@@ -179,6 +179,10 @@ def _assign(module: nn.Module, tensors: dict[str, torch.Tensor], where: str) -> 
 def _read(source: ModelSource, name: str, device: torch.device, dtype: torch.dtype
           ) -> torch.Tensor:
     tensor = source.weights.get(name)
+    # safetensors maps the files: an open handle keeps every page read so far resident (a
+    # decoder layer's through its prune and re-fit; the embedding's while the head is read);
+    # closing it after each tensor lets those pages go (tensors that still use them keep them)
+    source.weights.close()
     return tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
 
 
@@ -206,7 +210,6 @@ def open_model(source: ModelSource, device: torch.device, dtype: torch.dtype) ->
         raise ShardError(f"{source.path}: no lm_head.weight and the config does not tie it to "
                          "the embedding")
     inner.rotary_emb.to(device)
-    source.weights.close()  # unmap the files: mapped pages count as resident memory
     return model
 
 

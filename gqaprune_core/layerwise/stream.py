@@ -9,12 +9,16 @@ shape (rotary position embeddings, attention mask, ...). They are captured from 
 forward (a pre-hook on layer 0 that stops it), so the layers are called exactly as an in-memory
 forward pass would call them: for Llama, Mistral and Qwen2 alike.
 
-:func:`layers_in_turn` loads layer i, hands it to the caller, releases it and reports a
-:class:`LayerStep` (index, seconds, memory in use) before loading layer i + 1.
+:func:`layers_in_turn` loads layer i, hands it to the caller, releases it (and the heap pages it
+leaves, :func:`trim_heap`) and reports a :class:`LayerStep` (index, seconds, memory in use)
+before loading layer i + 1.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -56,6 +60,31 @@ def memory_in_use(device: torch.device) -> tuple[int, int]:
     now = psutil.Process().memory_info().rss
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     return now, max(now, peak_kib * 1024)  # rusage lags the RSS a little
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc's
+    except (OSError, AttributeError):
+        return None
+
+
+def trim_heap() -> None:
+    """Give the free pages of the C heap back to the OS (glibc; elsewhere this does nothing).
+
+    glibc returns a freed block to the OS only if it was mapped on its own (blocks above the
+    mmap threshold, which rises to 32 MB as such blocks are freed); smaller ones stay in the
+    heap for reuse, resident. At Llama-3.2-1B's widths in float32 that is the attention
+    projections (16 MB), the hidden states and most activations: without trimming, the
+    resident set of a CPU run grew by ~0.6 GB over 2 x 8 layers (importance, then prune)
+    while the live tensors stayed the same.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 class _Stop(Exception):
@@ -143,9 +172,7 @@ def layers_in_turn(model: nn.Module, source: ModelSource, device: torch.device,
             yield index, layer
         finally:
             release_layer(layer)
-            # safetensors maps the files: open handles keep every page read so far resident
-            # (the whole source by the last layer); closing them lets those pages go
-            source.weights.close()
+            trim_heap()
         if on_step is not None:
             now, peak = memory_in_use(device)
             on_step(LayerStep(stage, index, len(order), time.perf_counter() - start, now, peak))
