@@ -17,7 +17,7 @@ from gqaprune_core.schedule import unit_costs
 from gqaprune_core.sensitivity import store
 from gqaprune_core.sensitivity.grams import fit_grams, held_grams
 from gqaprune_core.sensitivity.optimize import optimize_units
-from gqaprune_core.sensitivity.predict import (MODEL_ERROR, compounding, mlp_loss, monotone,
+from gqaprune_core.sensitivity.predict import (ABOVE, BELOW, compounding, mlp_loss, monotone,
                                                predict)
 from gqaprune_core.sensitivity.cuts import MLP_RATES, layer_cuts
 from gqaprune_core.sensitivity.profile import (ProfileSettings, SensitivityProfile, compute_profile,
@@ -204,7 +204,9 @@ def test_prediction_is_additive_and_monotone():
     both = predict(profile, [1, 0, 0], [0, 20, 0])
     assert both.loss_increase == pytest.approx(one.loss_increase + profile.group_loss[0][1])
     assert both.low < both.ratio < both.high
-    assert both.sigma == pytest.approx(MODEL_ERROR * both.loss_increase)
+    assert both.sigma == 0.0  # the synthetic profile has no sampling error: model error only
+    assert math.log(both.high) == pytest.approx((1 + ABOVE) * both.loss_increase)
+    assert math.log(both.low) == pytest.approx((1 - BELOW) * both.loss_increase)
     assert mlp_loss(profile, 0, 6)[0] == pytest.approx(
         0.5 * (profile.mlp_loss[0][1] + profile.mlp_loss[0][2]))  # 15 %: halfway
     with pytest.raises(ValueError, match="cannot remove 2 of 2 groups"):
