@@ -230,9 +230,10 @@ DEFAULT = PruneConfig(
 # The default's calibration and re-fit, but the units per layer (whole GQA groups and MLP
 # channel blocks) chosen from the sensitivity profile to minimise the predicted loss at the
 # budget (gqaprune_core.sensitivity.optimize): attention is offered, and takes what the
-# measured loss per parameter says. On held-out calibration text it tied the default at 20 %
-# and lost at 30 % (the anchored profile underestimates high per-layer rates), so it is not
-# the default; see BENCHMARKS.md, "Sensitivity and prediction".
+# measured loss per parameter says. On held-out calibration text it lost to the default at 20 %
+# and 30 % (1.72 / 2.95 against 1.63 / 2.25: it spends the budget where the profile is too
+# optimistic, high per-layer rates and whole groups), so it is not the default; see
+# BENCHMARKS.md, "Sensitivity and prediction".
 OPTIMIZED = DEFAULT.with_(pruning_strategy="optimized", prune_attention=True,
                           max_pruning_rate=0.9)
 
