@@ -162,6 +162,13 @@ def test_profile_windows_measure_on_documents_the_fit_never_saw(tiny_tokenizer, 
     fit, ids = store.profile_windows(tiny_tokenizer, settings.__class__(
         corpus=str(single), fit_samples=2, fit_seq_len=16, samples=2, seq_len=16))
     assert fit.shape == (2, 16) and ids.shape == (2, 16)
+    # nor can a validation share shorter than a window
+    short = tmp_path / "short.txt"
+    short.write_text("\n\n".join(["long calibration text, " * 40] * 3 + ["tiny."] * 2
+                                   + ["evaluation " * 9] * 5))
+    fit, ids = store.profile_windows(tiny_tokenizer, settings.__class__(
+        corpus=str(short), fit_samples=2, fit_seq_len=16, samples=2, seq_len=64))
+    assert ids.shape == (2, 64)
 
 
 def test_damaged_cache_file_is_refused_with_its_path(tmp_path):

@@ -39,17 +39,20 @@ def profile_windows(tokenizer, settings: ProfileSettings) -> tuple[torch.Tensor,
     """``(fit, ids)``: the fit windows (channel choice and re-fit) from the first 70 % of each
     source's calibration documents (``NAME:fit``), the profile windows (the measured losses)
     from the other 30 %, documents the cuts were not fitted on, as the text a pruned model
-    meets is not. A source too small to split (one document) falls back to the pipeline's
-    calibration draw and other windows of the same documents (seed + PROFILE_SEED_OFFSET)."""
+    meets is not. A source too small to split that way (one calibration document, or a share
+    shorter than a window) falls back to the pipeline's calibration draw and other windows of
+    the same documents (seed + PROFILE_SEED_OFFSET)."""
+    def draw(fit_corpus, held) -> tuple[torch.Tensor, torch.Tensor]:
+        return (calibration_batch(tokenizer, fit_corpus, settings.fit_samples,
+                                  settings.fit_seq_len, settings.seed),
+                calibration_batch(tokenizer, held, settings.samples, settings.seq_len,
+                                  settings.seed + PROFILE_SEED_OFFSET))
+
     try:
-        fit_corpus, held = fit_and_validation(settings.corpus)
+        return draw(*fit_and_validation(settings.corpus))
     except CorpusError:
-        fit_corpus = held = load_corpus(settings.corpus)
-    fit = calibration_batch(tokenizer, fit_corpus, settings.fit_samples, settings.fit_seq_len,
-                            settings.seed)
-    ids = calibration_batch(tokenizer, held, settings.samples, settings.seq_len,
-                            settings.seed + PROFILE_SEED_OFFSET)
-    return fit, ids
+        whole = load_corpus(settings.corpus)
+        return draw(whole, whole)
 
 
 def cache_key(model: nn.Module, settings: ProfileSettings, fit: torch.Tensor, ids: torch.Tensor,
