@@ -42,6 +42,15 @@ def tiny_ids():
     return torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(1))
 
 
+@pytest.fixture
+def profile_windows():
+    """``(fit, ids)``: (6, 24) and (4, 20) seeded token ids in the tiny vocabulary, the fit and
+    profile windows of sensitivity-profile tests."""
+    generator = torch.Generator().manual_seed(3)
+    return (torch.randint(0, 97, (6, 24), generator=generator),
+            torch.randint(0, 97, (4, 20), generator=generator))
+
+
 @pytest.fixture(scope="session")
 def demo():
     """The real demo model and tokenizer (SmolLM2-135M), loaded once per test session.

@@ -26,13 +26,6 @@ def private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("GQAPRUNE_CACHE", str(tmp_path / "cache"))
 
 
-@pytest.fixture
-def windows():
-    generator = torch.Generator().manual_seed(3)
-    return (torch.randint(0, 97, (6, 24), generator=generator),
-            torch.randint(0, 97, (4, 20), generator=generator))
-
-
 def test_layerwise_on_cuda_equals_in_memory_on_cuda(make_tiny, tmp_path):
     model, tokenizer = make_tiny(), char_tokenizer()
     model.save_pretrained(tmp_path / "src")
@@ -48,18 +41,18 @@ def test_layerwise_on_cuda_equals_in_memory_on_cuda(make_tiny, tmp_path):
         torch.testing.assert_close(tensor, expected[name], atol=1e-4, rtol=1e-3, msg=name)
 
 
-def test_fisher_scores_on_cuda_equal_cpu(make_tiny, windows):
+def test_fisher_scores_on_cuda_equal_cpu(make_tiny, profile_windows):
     model = make_tiny()
-    on_cpu = fisher_channel_scores(model, windows[0], chunk_size=4)
-    on_gpu = fisher_channel_scores(model.cuda(), windows[0].cuda(), chunk_size=4)
+    on_cpu = fisher_channel_scores(model, profile_windows[0], chunk_size=4)
+    on_gpu = fisher_channel_scores(model.cuda(), profile_windows[0].cuda(), chunk_size=4)
     for layer, scores in on_cpu.items():
         torch.testing.assert_close(on_gpu[layer].cpu(), scores, rtol=1e-3, atol=1e-12)
 
 
 @pytest.mark.parametrize("mode", ["exact", "anchored"])
-def test_profile_on_cuda_equals_cpu(make_tiny, windows, mode):
+def test_profile_on_cuda_equals_cpu(make_tiny, profile_windows, mode):
     model = make_tiny(layers=3)
-    fit, ids = windows
+    fit, ids = profile_windows
     settings = ProfileSettings(mode=mode)
     on_cpu = compute_profile(model, fit, ids, settings)
     on_gpu = compute_profile(model.cuda(), fit, ids, settings, batch_size=32)

@@ -27,16 +27,10 @@ from gqaprune_core.surgery import cut_layer_
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture
-def windows():
-    generator = torch.Generator().manual_seed(3)
-    return (torch.randint(0, 97, (6, 24), generator=generator),
-            torch.randint(0, 97, (4, 20), generator=generator))
 
-
-def test_exact_profile_equals_cutting_that_layer_of_the_whole_model(make_tiny, windows):
+def test_exact_profile_equals_cutting_that_layer_of_the_whole_model(make_tiny, profile_windows):
     model = make_tiny(layers=3)
-    fit, ids = windows
+    fit, ids = profile_windows
     settings = ProfileSettings(mode="exact")
     profile = compute_profile(model, fit, ids, settings)
     assert len(profile.mlp_loss) == 3 and len(profile.mlp_loss[0]) == len(MLP_RATES)
@@ -81,9 +75,9 @@ def _whole_pass_grams(model, ids):
 
 
 @pytest.mark.parametrize("variant", ["llama", "qwen2_bias"])
-def test_grams_made_layer_by_layer_equal_a_whole_model_pass(make_tiny, windows, variant):
+def test_grams_made_layer_by_layer_equal_a_whole_model_pass(make_tiny, profile_windows, variant):
     model = make_tiny(variant, layers=3)
-    fit, ids = windows  # 6 fit windows in batches of 4: a full and a partial batch
+    fit, ids = profile_windows  # 6 fit windows in batches of 4: a full and a partial batch
     whole = _whole_pass_grams(model, fit)
     streamed = fit_grams(model, fit, batch_size=4)
     assert not isinstance(streamed, (list, dict))  # a generator: one layer's Gram at a time
@@ -105,9 +99,9 @@ def _saliency(model, fit):
     return layer_saliency(model, "taylor", fit[:8])
 
 
-def test_anchored_profile_measures_the_anchors_and_scales_the_rest(make_tiny, windows):
+def test_anchored_profile_measures_the_anchors_and_scales_the_rest(make_tiny, profile_windows):
     model = make_tiny(layers=2)
-    fit, ids = windows
+    fit, ids = profile_windows
     exact = compute_profile(model, fit, ids, ProfileSettings(mode="exact"))
     anchored = compute_profile(model, fit, ids, ProfileSettings(mode="anchored"))
     for layer in range(2):
@@ -237,11 +231,11 @@ def test_the_probe_scales_the_additive_sum_by_how_losses_compounded():
     assert predict(probed, [0, 0, 0], [12] * 3).loss_increase == pytest.approx(2.5 * additive)
 
 
-def test_the_probe_measures_every_layer_cut_at_once_with_sequential_refit(make_tiny, windows):
+def test_the_probe_measures_every_layer_cut_at_once_with_sequential_refit(make_tiny, profile_windows):
     from gqaprune_core.compensate import prune_mlp_compensated_
 
     model = make_tiny(layers=3)
-    fit, ids = windows
+    fit, ids = profile_windows
     profile = compute_profile(model, fit, ids, ProfileSettings(mode="anchored"))
     assert profile.probe_rate == 0.3
     # the same schedule by the in-memory pipeline's sequential re-fit (one batch of all fit
