@@ -3,9 +3,11 @@ the predictor can scale its additive sum by how single-layer losses compound.
 
 Notation: L layers, I MLP width, r the probe rate.
 
-Single-layer losses do not simply add: measured on held-out text, whole schedules lost
-1.8-3.5x the sum of their layers' losses (BENCHMARKS.md, "Sensitivity and prediction"). The
-probe measures that factor for the model at hand: every layer loses ``round(r * I)`` MLP
+Single-layer losses need not add up: cut together, each layer re-fit on what the layers cut
+before it produce, the model can lose more than the sum (damage compounds) or less (each
+re-fit corrects some earlier damage); on the demo model the probe measured 0.87x the sum
+(BENCHMARKS.md, "Sensitivity and prediction"). The probe measures that factor for the model
+at hand: every layer loses ``round(r * I)`` MLP
 channels, chosen by output energy and re-fit on the fit windows *as the probe's own earlier
 cuts change them* (as the pipeline's sequential re-fit does), and the profile windows run
 through all L cut layers at once. The profile stores the measured loss increase; the
