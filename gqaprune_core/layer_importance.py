@@ -12,8 +12,9 @@ Every method returns L scores, higher = more important:
 - ``block_influence``: ShortGPT's 1 - cos(layer input, layer output), averaged over tokens.
 
 Layers are re-run with the very arguments the model passed them (captured by a pre-hook:
-attention mask, rotary position embeddings, ...), so the same code serves Llama, Mistral and
-Qwen2 and restarting at layer 0 reproduces ``model(ids).logits`` exactly.
+attention mask, rotary position embeddings, ...; :mod:`gqaprune_core.layer_calls`), so the same
+code serves Llama, Mistral and Qwen2 and restarting at layer 0 reproduces
+``model(ids).logits`` exactly.
 
 Results are cached as JSON files in the original project's ``layer_importance_config.json``
 format, keyed by everything that determines them (see :func:`layer_importance`).
@@ -39,6 +40,7 @@ from torch.nn import functional as F
 
 from gqaprune_core.data import calibration_batch
 from gqaprune_core.evaluate import nll_from_hidden
+from gqaprune_core.layer_calls import hidden_input, record_calls
 from gqaprune_core.models import cache_dir, decoder_layers, layer_output
 
 Method = Literal["removal", "activation", "block_influence"]
@@ -62,53 +64,6 @@ class LayerImportance:
     inputs: dict[str, Any] = field(default_factory=dict)
     statistics: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
-
-
-# ---------------------------------------------------------------------------------------------
-# running layers by hand
-
-
-def _hidden_input(args: tuple, kwargs: dict) -> torch.Tensor:
-    return args[0] if args else kwargs["hidden_states"]
-
-
-@dataclass(frozen=True)
-class LayerCall:
-    """How the model called one decoder layer: the hidden input and every other argument."""
-
-    hidden: torch.Tensor  # (B, T, E)
-    args: tuple
-    kwargs: dict
-
-    def run(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        """Call ``layer`` as the model did, on ``hidden`` instead of the recorded input."""
-        if self.args:
-            return layer_output(layer(hidden, *self.args[1:], **self.kwargs))
-        return layer_output(layer(**(self.kwargs | {"hidden_states": hidden})))
-
-
-def record_calls(model: nn.Module, ids: torch.Tensor) -> tuple[list[LayerCall], torch.Tensor]:
-    """One pass of ``ids`` (B, T) through the decoder recording every layer's call; returns the L
-    calls and the final (normalized) hidden states (B, T, E). The hooks are removed even if the
-    pass fails."""
-    calls: list[LayerCall | None] = [None] * len(decoder_layers(model))
-
-    def make_hook(index: int):
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            calls[index] = LayerCall(_hidden_input(args, kwargs), args, dict(kwargs))
-        return hook
-
-    handles = [layer.register_forward_pre_hook(make_hook(i), with_kwargs=True)
-               for i, layer in enumerate(decoder_layers(model))]
-    try:
-        final = model.model(ids, use_cache=False).last_hidden_state
-    finally:
-        for handle in handles:
-            handle.remove()
-    missing = [i for i, call in enumerate(calls) if call is None]
-    if missing:
-        raise RuntimeError(f"decoder layers {missing} were not called by the model's forward")
-    return calls, final  # type: ignore[return-value]
 
 
 def _nll_sum(model: nn.Module, hidden: torch.Tensor, ids: torch.Tensor, normalized: bool = False
@@ -161,7 +116,7 @@ def _hooked_means(model: nn.Module, batches: Sequence[torch.Tensor], method: Met
             if method == "activation":
                 per_token = torch.linalg.vector_norm(out, dim=-1)
             else:
-                inp = _hidden_input(args, kwargs).float()
+                inp = hidden_input(args, kwargs).float()
                 per_token = 1.0 - F.cosine_similarity(inp, out, dim=-1)
             sums[index] += float(per_token.double().sum())
         return hook

@@ -12,9 +12,9 @@ from torch import nn
 
 import gqaprune_core.layer_importance as importance_module
 from gqaprune_core.evaluate import perplexity
+from gqaprune_core.layer_calls import record_calls
 from gqaprune_core.layer_importance import (
     LayerImportance,
-    record_calls,
     compute_layer_importance,
     layer_importance,
     load_importance_config,

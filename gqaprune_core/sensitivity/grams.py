@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from gqaprune_core.layer_importance import LayerCall
+from gqaprune_core.layer_calls import LayerCall
 from gqaprune_core.layerwise.stream import embed
 from gqaprune_core.models import decoder_layers
 

@@ -26,7 +26,7 @@ import copy
 import torch
 from torch import nn
 
-from gqaprune_core.layer_importance import LayerCall
+from gqaprune_core.layer_calls import LayerCall
 from gqaprune_core.layerwise.prune import LayerCut, prune_layer_
 from gqaprune_core.layerwise.stream import embed
 from gqaprune_core.models import LayerLayout

@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 from gqaprune_core.evaluate import nll_from_hidden
-from gqaprune_core.layer_importance import record_calls  # the shared prefix-reuse machinery
+from gqaprune_core.layer_calls import record_calls  # the shared prefix-reuse machinery
 from gqaprune_core.models import LayerLayout, decoder_layers, layout
 from gqaprune_core.sensitivity.cuts import MLP_RATES, LayerCut, layer_cuts, mlp_steps
 from gqaprune_core.sensitivity.grams import fit_grams
