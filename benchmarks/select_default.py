@@ -60,6 +60,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "default/fisher": (DPW, {"channel_selection": "fisher"}),
     "default/ridge-0.3": (DPW, {"refit_ridge": 0.3}),
     "default/ridge-0.03": (DPW, {"refit_ridge": 0.03}),
+    "default/alpha-6": (DPW, {"alpha": 6.0}),
+    "default/max-0.85": (DPW, {"max_pruning_rate": 0.85}),
     "previous/64x512": (DPW, {"alpha": 2.0, "channel_selection": "energy", "num_examples": 64,
                                "seq_len": 512}),
     "previous/256x256": (DPW, {"alpha": 2.0, "channel_selection": "energy",
