@@ -134,10 +134,13 @@ def dense_residuals(model: nn.Module, calibration: torch.Tensor, layers: Sequenc
     return out
 
 
-def mlp_activations(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """(N, I) float64 intermediate activations of the (not yet cut) MLP."""
+def mlp_activations(mlp: nn.Module, x: torch.Tensor, dtype: torch.dtype = torch.float64
+                    ) -> torch.Tensor:
+    """(N, I) intermediate activations ``act(gate(x)) * up(x)`` of the (not yet cut) MLP, in
+    ``dtype`` (float64 for the re-fit's Gram matrix; the sensitivity profile sums float32
+    products)."""
     h = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
-    return h.reshape(-1, h.shape[-1]).double()
+    return h.reshape(-1, h.shape[-1]).to(dtype)
 
 
 @torch.no_grad()

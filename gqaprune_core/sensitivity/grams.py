@@ -19,16 +19,10 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from gqaprune_core.compensate import mlp_activations
 from gqaprune_core.layer_calls import LayerCall
 from gqaprune_core.layerwise.stream import embed
 from gqaprune_core.models import decoder_layers
-
-
-def _activations(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """(N, I) float32 intermediate activations ``act(gate(x)) * up(x)`` (the float32 products
-    the profile has always summed; :func:`gqaprune_core.compensate.mlp_activations` is float64)."""
-    h = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
-    return h.reshape(-1, h.shape[-1]).float()
 
 
 def _add_gram(store: dict, key: str, rows: torch.Tensor, dtype: torch.dtype) -> None:
@@ -54,7 +48,7 @@ def fit_grams(model: nn.Module, windows: torch.Tensor, batch_size: int = 8
         store: dict[str, torch.Tensor] = {}
         handle = layer.mlp.register_forward_pre_hook(
             lambda module, args, store=store: _add_gram(
-                store, "mlp", _activations(module, args[0]), torch.float64))
+                store, "mlp", mlp_activations(module, args[0], torch.float32), torch.float64))
         try:
             batches.advance(layer)
         finally:
@@ -69,8 +63,8 @@ def held_grams(layer: nn.Module, call: LayerCall) -> tuple[torch.Tensor, torch.T
     store: dict[str, torch.Tensor] = {}
     handles = [
         layer.mlp.register_forward_pre_hook(
-            lambda module, args: _add_gram(store, "mlp", _activations(module, args[0]),
-                                           torch.float32)),
+            lambda module, args: _add_gram(
+                store, "mlp", mlp_activations(module, args[0], torch.float32), torch.float32)),
         layer.self_attn.o_proj.register_forward_pre_hook(
             lambda module, args: _add_gram(store, "attn", args[0].reshape(
                 -1, args[0].shape[-1]).float(), torch.float32))]
