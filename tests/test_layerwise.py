@@ -185,6 +185,8 @@ def test_progress_reports_every_layer_of_every_stage(make_tiny, tmp_path):
     ({"prune_attention": True, "unit_importance": "activation"}, "not implemented layer by"),
     ({"compensate": False, "unit_importance": "taylor"}, "--unit_importance magnitude"),
     ({"recovery": "lora"}, "--recovery none"),
+    ({"pruning_strategy": "optimized"}, "sensitivity profile"),
+    ({"max_ppl_increase": 0.25}, "quality gate"),
 ])
 def test_settings_that_cannot_stream_are_refused_with_what_to_use(changes, words):
     config = PRESETS["default"].with_(**changes)

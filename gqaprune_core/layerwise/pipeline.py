@@ -56,6 +56,14 @@ def check_streamable(config: PruneConfig) -> None:
     if config.recovery != "none":
         raise ValueError(f"recovery={config.recovery!r} trains the whole model against the dense "
                          "one and cannot run layer-wise; use --recovery none, or --layerwise off")
+    if config.pruning_strategy == "optimized":
+        raise ValueError("pruning_strategy='optimized' plans from the sensitivity profile, "
+                         "which runs the whole model in memory, and cannot run layer-wise; use "
+                         "--pruning_strategy inverse (the 'default' preset's), or --layerwise off")
+    if config.max_ppl_increase is not None:
+        raise ValueError(f"max_ppl_increase={config.max_ppl_increase} (the quality gate) prunes "
+                         "and measures whole copies of the model in memory and cannot run "
+                         "layer-wise; leave out --max_ppl_increase, or use --layerwise off")
 
 
 def streamable_selection(config: PruneConfig) -> tuple[PruneConfig, str | None]:
