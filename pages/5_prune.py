@@ -114,6 +114,18 @@ def run_settings() -> tuple[PruneConfig, str, int] | None:
                                     step=30, key="run_recovery_time",
                                     help="Recovery stops at the steps or the budget, whichever "
                                          "comes first. A CPU step takes seconds to a minute.")
+        with st.expander("Quality gate (optional)"):
+            a, b = st.columns([2, 1])
+            gate = a.checkbox("Prune the most that stays within a perplexity limit",
+                              key="run_gate", help=(
+                                  "Searches ratios up to the one set on Rate tuning: the "
+                                  "sensitivity profile's prediction first, then up to 4 "
+                                  "prunes of a copy, each measured on validation documents "
+                                  "carved from the calibration text (never the evaluation "
+                                  "parts). Each measured step is a whole prune: minutes on "
+                                  "a CPU."))
+            increase = b.number_input("Most perplexity increase (%)", 1.0, 1000.0, 25.0,
+                                      step=5.0, key="run_gate_increase")
         start = st.form_submit_button("Prune a copy of the model", type="primary",
                                       disabled=_ui.job_running("prune"))
     if not start:
@@ -135,7 +147,9 @@ def run_settings() -> tuple[PruneConfig, str, int] | None:
                               recovery=recovery, recovery_steps=int(steps),
                               recovery_time_s=float(budget),
                               recovery_seq_len=d["recovery_seq_len"],
-                              recovery_samples=d["recovery_samples"], **settings)
+                              recovery_samples=d["recovery_samples"],
+                              max_ppl_increase=float(increase) / 100 if gate else None,
+                              **settings)
     except ValueError as err:
         st.warning(f"These settings cannot be run: {err}")
         return None
@@ -146,6 +160,10 @@ def start_run(config: PruneConfig, prompt: str, tokens: int) -> None:
     model, tokenizer = loaded.model, loaded.tokenizer
     scores = importance
     profile = _ui.profile_store().get(loaded.key)  # None: computed by the run if it needs one
+    if config.max_ppl_increase is not None:
+        # the gate calibrates everything on the fit share of the calibration text, so that its
+        # validation documents stay unseen: the run reads (or computes) its own scores and profile
+        scores = profile = None
 
     def work(job: jobs.Job) -> support.PruneRun:
         return support.prune_job(config, model, tokenizer, scores, prompt, tokens, job.progress,
@@ -195,6 +213,7 @@ def show_run(run: support.PruneRun) -> None:
             "delta": st.column_config.NumberColumn(format="%+.3f"),
             "delta %": st.column_config.NumberColumn(format="%+.1f %%")})
     show_prediction(run)
+    show_gate(run)
     show_recovery(run)
     if run.prompt:
         st.markdown(f"**Greedy generation** from “{run.prompt}”")
@@ -219,6 +238,20 @@ def show_prediction(run: support.PruneRun) -> None:
     st.dataframe(table, hide_index=True, key=f"predicted_{run.number}", column_config={
         name: st.column_config.NumberColumn(format="%.3f")
         for name in table.columns if name != "corpus"})
+
+
+def show_gate(run: support.PruneRun) -> None:
+    curve = sensitivity_view.gate_curve(run.report)
+    if curve.empty:
+        return
+    message = sensitivity_view.gate_summary(run.report, run.config.pruning_ratio)
+    (st.warning if run.report["gate"]["ratio"] <= 0 else st.success)(message)
+    st.plotly_chart(_charts.gate_figure(curve, run.report["gate"]["limit"]),
+                    key=f"gate_chart_{run.number}")
+    st.dataframe(curve, hide_index=True, key=f"gate_{run.number}", column_config={
+        name: st.column_config.NumberColumn(format="%.3f")
+        for name in curve.columns if name.endswith("x dense")} | {
+        "ratio %": st.column_config.NumberColumn(format="%.1f")})
 
 
 def show_recovery(run: support.PruneRun) -> None:

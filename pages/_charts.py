@@ -234,3 +234,25 @@ def group_cost_figure(table) -> go.Figure:
                       "(only this layer cut)", yaxis_type="log", height=380, font=PLOT_FONT,
                       margin={"l": 10, "r": 10, "t": 30, "b": 10})
     return fig
+
+
+def gate_figure(curve, limit: float) -> go.Figure:
+    """The quality gate's ratio-to-perplexity curve: predicted points (open) and measured ones
+    (filled), with the gate's limit as a dashed line."""
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=curve["ratio %"], y=curve["predicted x dense"], name="predicted",
+                             mode="lines+markers", marker={"symbol": "circle-open", "size": 9},
+                             line={"dash": "dot", "color": "#6baed6"},
+                             hovertemplate="%{x:.1f} %: predicted x%{y:.3f}<extra></extra>"))
+    measured = curve.dropna(subset=["measured x dense"])
+    fig.add_trace(go.Scatter(x=measured["ratio %"], y=measured["measured x dense"],
+                             name="measured", mode="markers", marker={"size": 11,
+                                                                      "color": "#d94801"},
+                             hovertemplate="%{x:.1f} %: measured x%{y:.3f}<extra></extra>"))
+    fig.add_hline(y=limit, line_dash="dash", line_color="#636363",
+                  annotation_text=f"gate x{limit:.3g}")
+    fig.update_layout(xaxis_title="parameters removed (%)", yaxis_title="perplexity x dense "
+                      "(validation text)", height=340, font=PLOT_FONT,
+                      legend={"orientation": "h", "y": 1.15},
+                      margin={"l": 10, "r": 10, "t": 40, "b": 10})
+    return fig

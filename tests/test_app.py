@@ -306,6 +306,26 @@ def test_a_run_with_recovery_shows_perplexity_after_pruning_and_after_recovery(a
     assert "Recovery cost: LoRA: 2 of 2 steps" in texts(app)
 
 
+def test_a_run_with_the_quality_gate_shows_its_ratio_to_perplexity_curve(app):
+    open_page(app, "5_prune")
+    app.checkbox(key="run_gate").check()
+    app.number_input(key="run_gate_increase").set_value(1000.0)  # every ratio passes
+    click(app, "Prune a copy of the model")
+    run = app.session_state["runs"][0]
+    gate = run.report["gate"]
+    assert run.config.max_ppl_increase == pytest.approx(10.0)
+    assert gate["limit"] == pytest.approx(11.0) and gate["validation"].endswith(":fit")
+    assert gate["ratio"] == pytest.approx(run.config.pruning_ratio)  # within the gate at once
+    assert run.report["config"]["pruning_ratio"] == pytest.approx(gate["ratio"])
+    curve = next(d.value for d in app.dataframe if "within the gate" in d.value.columns)
+    measured = curve.dropna(subset=["measured x dense"])
+    assert len(measured) == 1 and list(measured["within the gate"]) == ["yes"]
+    assert measured["measured x dense"].iloc[0] == pytest.approx(gate["curve"][-1]["measured"])
+    assert f"Pruned at {gate['ratio']:.1%}" in "\n".join(s.value for s in app.success)
+    assert any(spec["layout"]["yaxis"]["title"]["text"].startswith("perplexity x dense")
+               for spec in chart_specs(app) if spec["layout"].get("yaxis", {}).get("title"))
+
+
 def test_a_failing_job_is_a_readable_error_until_the_next_run(app, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("out of memory in layer 7")

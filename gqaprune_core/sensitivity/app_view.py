@@ -4,7 +4,8 @@ Rate tuning calls :func:`prediction_view` on every slider move (it must stay wel
 ~100 ms a redraw may take: it is list arithmetic, timed in ``elapsed_ms``); Layer importance
 shows :func:`heatmap` (layer x MLP rate); the GQA page shows :func:`group_costs`; Prune &
 evaluate shows the report's ``predicted`` entry next to the measured perplexity
-(:func:`predicted_vs_measured`).
+(:func:`predicted_vs_measured`) and, for a run with the quality gate, its ratio-to-perplexity
+curve (:func:`gate_curve`, :func:`gate_summary`).
 """
 
 from __future__ import annotations
@@ -101,3 +102,41 @@ def predicted_vs_measured(report: dict) -> pd.DataFrame:
                      "predicted x dense": predicted["ratio"], "predicted low": predicted["low"],
                      "predicted high": predicted["high"]})
     return pd.DataFrame(rows)
+
+
+def gate_curve(report: dict) -> pd.DataFrame:
+    """The quality gate's steps by ratio: predicted and measured perplexity x dense (the
+    geometric mean over the validation sources, and each source), whether it passed, and the
+    search order. Empty for a run without the gate."""
+    gate = report.get("gate")
+    if not gate:
+        return pd.DataFrame()
+    rows = []
+    for order, step in enumerate(gate["curve"], 1):
+        measured = step["measured"]
+        row = {"ratio %": 100 * step["ratio"], "predicted x dense": step["predicted"],
+               "measured x dense": math.nan if measured is None else measured,
+               "within the gate": "" if step["passed"] is None else
+               ("yes" if step["passed"] else "no"),
+               "step": order, "kind": "predicted" if measured is None else "measured"}
+        row |= {f"{source} x dense": value
+                for source, value in (step.get("by_source") or {}).items()}
+        rows.append(row)
+    return pd.DataFrame(rows).sort_values("ratio %", kind="stable", ignore_index=True)
+
+
+def gate_summary(report: dict, asked: float) -> str:
+    """One sentence: the gate, the ratio it chose (of ``asked`` at most), and on what text."""
+    gate = report["gate"]
+    measured = [s for s in gate["curve"] if s["measured"] is not None]
+    sources = ", ".join(gate["dense"]) or "none"
+    head = (f"Quality gate: perplexity at most x{gate['limit']:.3g} the dense model's on "
+            f"validation documents carved from the calibration text ({sources}; never the "
+            f"evaluation parts); {len(measured)} prune(s) measured. ")
+    if gate["ratio"] <= 0:
+        return head + ("No ratio measured stayed within the gate, so nothing was pruned: "
+                       "allow a larger increase or ask for less.")
+    chosen = next((s for s in measured if s["ratio"] == gate["ratio"]), None)
+    at = "" if chosen is None else f", measured x{chosen['measured']:.3f}"
+    return head + (f"Pruned at {gate['ratio']:.1%} (of {asked:.1%} asked at most{at}): the "
+                   "largest measured ratio within the gate.")
