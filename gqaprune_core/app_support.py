@@ -341,6 +341,7 @@ def runs_table(runs: Sequence[PruneRun]) -> pd.DataFrame:
                "parts": "+".join(p for p, on in (("attn", c.prune_attention), ("MLP", c.prune_mlp))
                                  if on),
                "units": c.unit_importance, "mode": c.mode, "recovery": c.recovery,
+               "quality gate": f"ppl ≤ x{r['gate']['limit']:.3g}" if r.get("gate") else "",
                "params after": r["params_after"],
                "removed % of all": round(100 * r["ratio_achieved_total"], 2)}
         if run.split is not None:

@@ -322,6 +322,8 @@ def test_a_run_with_the_quality_gate_shows_its_ratio_to_perplexity_curve(app):
     assert len(measured) == 1 and list(measured["within the gate"]) == ["yes"]
     assert measured["measured x dense"].iloc[0] == pytest.approx(gate["curve"][-1]["measured"])
     assert f"Pruned at {gate['ratio']:.1%}" in "\n".join(s.value for s in app.success)
+    compared = next(d.value for d in app.dataframe if "quality gate" in d.value.columns)
+    assert list(compared["quality gate"]) == ["ppl ≤ x11"]
     assert any(spec["layout"]["yaxis"]["title"]["text"].startswith("perplexity x dense")
                for spec in chart_specs(app) if spec["layout"].get("yaxis", {}).get("title"))
 
