@@ -231,6 +231,9 @@ def show_run(run: support.PruneRun) -> None:
 def show_prediction(run: support.PruneRun) -> None:
     table = sensitivity_view.predicted_vs_measured(run.report)
     if table.empty:
+        st.caption("No predicted perplexity for this run: it had no sensitivity profile "
+                   "(compute one on Layer importance, then the next run shows the prediction "
+                   "next to the measurement).")
         return
     st.markdown("**Predicted next to measured** (perplexity x dense after pruning; the "
                 "prediction adds up the sensitivity profile's single-layer losses, scaled by "

@@ -304,6 +304,7 @@ def test_a_run_with_recovery_shows_perplexity_after_pruning_and_after_recovery(a
                                        "after recovery"]
     assert table["after recovery"].iloc[0] == run.report["ppl_after"]["demo"]["value"]
     assert "Recovery cost: LoRA: 2 of 2 steps" in texts(app)
+    assert "No predicted perplexity for this run" in texts(app)  # no profile computed
 
 
 def test_a_run_with_the_quality_gate_shows_its_ratio_to_perplexity_curve(app):
