@@ -118,8 +118,9 @@ def run_settings() -> tuple[PruneConfig, str, int] | None:
             a, b = st.columns([2, 1])
             gate = a.checkbox("Prune the most that stays within a perplexity limit",
                               key="run_gate", help=(
-                                  "Searches ratios up to the one set on Rate tuning: the "
-                                  "sensitivity profile's prediction first, then up to 4 "
+                                  "Searches ratios up to the one set on Rate tuning (or the "
+                                  "preset's): the sensitivity profile's prediction first (the "
+                                  "profile is computed if missing), then up to 4 "
                                   "prunes of a copy, each measured on validation documents "
                                   "carved from the calibration text (never the evaluation "
                                   "parts). Each measured step is a whole prune: minutes on "

@@ -386,17 +386,20 @@ def test_gate_view_sorts_the_curve_and_says_when_nothing_passed():
     from gqaprune_core.sensitivity.app_view import gate_curve, gate_summary
 
     steps = [{"ratio": 0.3, "predicted": 1.5, "measured": None, "by_source": None, "passed": None},
+             {"ratio": 0.5, "predicted": math.inf, "measured": None, "by_source": None,
+              "passed": None},
              {"ratio": 0.15, "predicted": 1.2, "measured": 1.4,
               "by_source": {"demo:fit": 1.4}, "passed": False}]
     report = {"gate": {"limit": 1.25, "ratio": 0.0, "validation": "demo:fit",
                        "dense": {"demo:fit": 30.0}, "curve": steps}}
     curve = gate_curve(report)
-    assert list(curve["ratio %"]) == [15.0, 30.0] and list(curve["step"]) == [2, 1]
-    assert list(curve["kind"]) == ["measured", "predicted"]
+    assert list(curve["ratio %"]) == [15.0, 30.0, 50.0] and list(curve["step"]) == [3, 1, 2]
+    assert list(curve["kind"]) == ["measured", "predicted", "predicted"]
+    assert math.isnan(curve["predicted x dense"].iloc[2])  # refused by the schedule
     assert curve["demo:fit x dense"].iloc[0] == 1.4 and curve["within the gate"].iloc[0] == "no"
     assert "nothing was pruned" in gate_summary(report, 0.3)
     passed = {**report["gate"], "ratio": 0.15,
-              "curve": [steps[0], {**steps[1], "measured": 1.2, "passed": True}]}
+              "curve": [steps[0], {**steps[2], "measured": 1.2, "passed": True}]}
     assert "Pruned at 15.0% (of 30.0% asked at most, measured x1.200)" in gate_summary(
         {"gate": passed}, 0.3)
     assert gate_curve({}).empty

@@ -114,7 +114,9 @@ def gate_curve(report: dict) -> pd.DataFrame:
     rows = []
     for order, step in enumerate(gate["curve"], 1):
         measured = step["measured"]
-        row = {"ratio %": 100 * step["ratio"], "predicted x dense": step["predicted"],
+        predicted = step["predicted"]  # inf: a ratio the schedule refused
+        row = {"ratio %": 100 * step["ratio"],
+               "predicted x dense": predicted if math.isfinite(predicted) else math.nan,
                "measured x dense": math.nan if measured is None else measured,
                "within the gate": "" if step["passed"] is None else
                ("yes" if step["passed"] else "no"),
