@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -35,6 +35,7 @@ from gqaprune_core.sensitivity.optimize import allocation_rates, optimize_units
 from gqaprune_core.sensitivity.predict import predict_kept
 from gqaprune_core.sensitivity.profile import ProfileSettings, SensitivityProfile
 from gqaprune_core.sensitivity.store import sensitivity_profile
+from gqaprune_core.surgery import apply_plan_, validate
 
 # (stage, done, total); stages: load, importance, [sensitivity,] evaluate_before, prune,
 # evaluate_after and, with recovery, recover and evaluate_recovered
@@ -163,7 +164,8 @@ def run_pipeline(config: PruneConfig, model: nn.Module | None = None, tokenizer=
     With ``config.max_ppl_increase`` (the quality gate) everything is calibrated on the fit
     share of the calibration corpus (``NAME:fit``), :func:`gate_search` finds the largest ratio
     up to ``pruning_ratio`` whose measured perplexity on the held-out rest stays within the gate
-    (stage ``gate``), the run prunes at that ratio, and ``report["gate"]`` holds the curve.
+    (stage ``gate``), the run takes the gate's own prune at that ratio (same settings, same
+    data: ``report["gate"]["reused_prune"]``), and ``report["gate"]`` holds the curve.
         evaluate: measure perplexity before and after on ``config.eval_datasets`` (and, with
             recovery, again after it).
         check_plan: called with the unit allocation before any unit is scored or cut; it may
@@ -218,10 +220,15 @@ def run_pipeline(config: PruneConfig, model: nn.Module | None = None, tokenizer=
     ppl_before = _evaluate(config, model, tokenizer, evaluate, timings, "evaluate_before",
                            report_progress)
     with _timed(timings, "prune"):
-        calibration = calibration_batch(tokenizer, config.calibration_dataset, config.num_examples,
-                                        config.seq_len, config.seed)
-        plan = _prune(config, model, calibration, allocation,
-                      lambda d, t: report_progress("prune", d, t))
+        reused = gate is not None and gate.pruned is not None
+        if reused:  # the gate pruned a copy at this very ratio with the same data
+            plan = _take_pruned(model, gate.pruned)
+            gate = replace(gate, pruned=None)  # its copy can go
+        else:
+            calibration = calibration_batch(tokenizer, config.calibration_dataset,
+                                            config.num_examples, config.seq_len, config.seed)
+            plan = _prune(config, model, calibration, allocation,
+                          lambda d, t: report_progress("prune", d, t))
     ppl_after = _evaluate(config, model, tokenizer, evaluate, timings, "evaluate_after",
                           report_progress)
     ppl_after_pruning, recovery = ppl_after, None
@@ -234,7 +241,7 @@ def run_pipeline(config: PruneConfig, model: nn.Module | None = None, tokenizer=
                           ppl_after, timings, ppl_after_pruning=ppl_after_pruning,
                           recovery=recovery)
     if gate is not None:
-        report["gate"] = gate.to_dict()
+        report["gate"] = gate.to_dict() | {"reused_prune": reused}
     if profile is not None:
         report["predicted"] = predict_kept(profile, allocation.groups_to_keep,
                                            allocation.channels_to_keep).to_dict()
@@ -255,6 +262,15 @@ def _prune(config: PruneConfig, model: nn.Module, calibration: torch.Tensor,
                                   config.refit_ridge, base_plan=plan,
                                   feedback=config.refit_feedback,
                                   selection=config.channel_selection, progress=progress)
+
+
+def _take_pruned(model: nn.Module, pruned: PipelineResult) -> PruningPlan:
+    """Cut ``model`` in place to ``pruned``'s plan and give it ``pruned``'s weights (the same
+    settings and data pruned a copy of it already: the quality gate's chosen step)."""
+    apply_plan_(model, pruned.plan, check=False)
+    model.load_state_dict(pruned.model.state_dict())
+    validate(model)
+    return pruned.plan
 
 
 def _recover(config: PruneConfig, model: nn.Module, teacher: nn.Module, tokenizer,

@@ -323,7 +323,10 @@ def test_sensitivity_settings_are_checked():
 
 
 def test_quality_gate_keeps_the_measured_perplexity_within_the_limit(tmp_path, monkeypatch):
+    from gqaprune_core import pipeline
     from gqaprune_core.pipeline import run_pipeline
+
+    real_prune = pipeline._prune
 
     monkeypatch.setenv("GQAPRUNE_CACHE", str(tmp_path))
     model, tokenizer = load_model("tiny", device="cpu")
@@ -332,10 +335,19 @@ def test_quality_gate_keeps_the_measured_perplexity_within_the_limit(tmp_path, m
                        sensitivity_seq_len=16, sensitivity_fit_samples=4, compensate=True,
                        prune_attention=False, mode="one-shot", min_pruning_rate=0.0,
                        max_pruning_rate=0.9, calibration_dataset="demo")
+    prunes = []
+    monkeypatch.setattr(pipeline, "_prune", lambda *a, **k: prunes.append(1) or real_prune(*a, **k))
     loose = run_pipeline(base.with_(max_ppl_increase=100.0), model, tokenizer, evaluate=False)
     gate = loose.report["gate"]
     assert gate["ratio"] == 0.5 and gate["validation"] == "demo:fit"
     assert [s["passed"] for s in gate["curve"] if s["measured"] is not None] == [True]
+    # the run took the gate's prune at 0.5 instead of pruning a second time: the same weights
+    assert gate["reused_prune"] and len(prunes) == 1
+    again = run_pipeline(base.with_(calibration_dataset="demo:fit"), model, tokenizer,
+                         evaluate=False).model.state_dict()
+    final = loose.model.state_dict()
+    assert final.keys() == again.keys()
+    assert all(torch.equal(final[name], again[name]) for name in final)
     tight = run_pipeline(base.with_(max_ppl_increase=1e-4), model, tokenizer,
                          evaluate=False).report["gate"]
     measured = [s for s in tight["curve"] if s["measured"] is not None]
@@ -343,6 +355,7 @@ def test_quality_gate_keeps_the_measured_perplexity_within_the_limit(tmp_path, m
     assert all(s["measured"] <= tight["limit"] for s in measured if s["passed"])
     assert all(s["ratio"] <= tight["ratio"] for s in measured if s["passed"])
     assert tight["ratio"] == max([0.0] + [s["ratio"] for s in measured if s["passed"]])
+    assert tight["reused_prune"] == (tight["ratio"] > 0)  # nothing passed: nothing to take
 
 
 def test_fit_share_and_validation_never_overlap():

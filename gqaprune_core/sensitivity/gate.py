@@ -13,14 +13,16 @@ parts are never touched. The search:
    the smallest failing ratio measured so far, for at most ``steps`` prunes in all.
 
 The result holds every step (ratio, predicted, measured: the ratio-to-perplexity curve) for
-``report.json``. The chosen ratio is the largest MEASURED one that passed (0 if none did).
+``report.json``. The chosen ratio is the largest MEASURED one that passed (0 if none did), and
+the result keeps that prune (``pruned``): the run takes its weights instead of pruning again at
+the same ratio with the same data (one pruned copy more in memory while the search goes on).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from torch import nn
 
@@ -54,13 +56,15 @@ class GateStep:
 
 @dataclass(frozen=True)
 class GateResult:
-    """The ratio chosen under ``limit`` (= 1 + max_ppl_increase) and the steps taken."""
+    """The ratio chosen under ``limit`` (= 1 + max_ppl_increase) and the steps taken;
+    ``pruned``: the pipeline's result at ``ratio`` (None when nothing passed)."""
 
     limit: float
     ratio: float
     steps: tuple[GateStep, ...]
     validation: str
     dense: dict
+    pruned: object | None = field(default=None, compare=False, repr=False)
 
     def to_dict(self) -> dict:
         return {"limit": self.limit, "ratio": self.ratio, "validation": self.validation,
@@ -100,15 +104,16 @@ def largest_predicted(config, model: nn.Module, importance, profile: Sensitivity
 
 
 def _measure(config, model: nn.Module, tokenizer, importance, profile, ratio: float,
-             windows: dict, dense: dict) -> tuple[float, dict]:
+             windows: dict, dense: dict) -> tuple[float, dict, object]:
     from gqaprune_core.pipeline import run_pipeline
 
     run = config.with_(pruning_ratio=ratio, max_ppl_increase=None, eval_datasets=(),
                        recovery="none")
     pruned = run_pipeline(run, model, tokenizer, importance=importance, profile=profile,
-                          copy_model=True, evaluate=False).model
-    ratios = {n: perplexity(pruned, w, corpus=n).value / dense[n] for n, w in windows.items()}
-    return math.exp(sum(map(math.log, ratios.values())) / len(ratios)), ratios
+                          copy_model=True, evaluate=False)
+    ratios = {n: perplexity(pruned.model, w, corpus=n).value / dense[n]
+              for n, w in windows.items()}
+    return math.exp(sum(map(math.log, ratios.values())) / len(ratios)), ratios, pruned
 
 
 def gate_search(config, model: nn.Module, tokenizer, importance, profile: SensitivityProfile,
@@ -124,16 +129,19 @@ def gate_search(config, model: nn.Module, tokenizer, importance, profile: Sensit
                for s in sources}
     dense = {n: perplexity(model, w, corpus=n).value for n, w in windows.items()}
     ratio, curve = largest_predicted(config, model, importance, profile, limit)
-    passing, failing = 0.0, math.inf
+    passing, failing, kept = 0.0, math.inf, None
     cap = config.pruning_ratio
     for step in range(steps):
         if progress is not None:
             progress(step, steps)
         if ratio <= 0:
             break
-        measured, by_source = _measure(config, model, tokenizer, importance, profile, ratio,
-                                       windows, dense)
+        measured, by_source, pruned = _measure(config, model, tokenizer, importance, profile,
+                                               ratio, windows, dense)
         passed = measured <= limit
+        if passed and ratio > passing:
+            kept = pruned  # the largest passing prune so far; the others are dropped
+        del pruned
         curve.append(GateStep(ratio, _predicted(config, model, importance, profile, ratio),
                               measured, by_source, passed))
         passing, failing = (max(passing, ratio), failing) if passed else (passing,
@@ -143,4 +151,4 @@ def gate_search(config, model: nn.Module, tokenizer, importance, profile: Sensit
         ratio = round((passing + min(failing, cap)) / 2 / RESOLUTION) * RESOLUTION
         if ratio <= passing:
             break
-    return GateResult(limit, passing, tuple(curve), config.calibration_dataset, dense)
+    return GateResult(limit, passing, tuple(curve), config.calibration_dataset, dense, kept)
