@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 from torch import nn
 
@@ -30,6 +31,9 @@ from gqaprune_core.data import evaluation_windows
 from gqaprune_core.evaluate import perplexity
 from gqaprune_core.sensitivity.predict import predict_kept
 from gqaprune_core.sensitivity.profile import SensitivityProfile
+
+if TYPE_CHECKING:
+    from gqaprune_core.pipeline import PipelineResult
 
 GATE_STEPS = 4  # measured prunes at most
 VALIDATION_WINDOWS = 4  # per source
@@ -64,7 +68,7 @@ class GateResult:
     steps: tuple[GateStep, ...]
     validation: str
     dense: dict
-    pruned: object | None = field(default=None, compare=False, repr=False)
+    pruned: PipelineResult | None = field(default=None, compare=False, repr=False)
 
     def to_dict(self) -> dict:
         return {"limit": self.limit, "ratio": self.ratio, "validation": self.validation,
@@ -104,7 +108,7 @@ def largest_predicted(config, model: nn.Module, importance, profile: Sensitivity
 
 
 def _measure(config, model: nn.Module, tokenizer, importance, profile, ratio: float,
-             windows: dict, dense: dict) -> tuple[float, dict, object]:
+             windows: dict, dense: dict) -> tuple[float, dict, PipelineResult]:
     from gqaprune_core.pipeline import run_pipeline
 
     run = config.with_(pruning_ratio=ratio, max_ppl_increase=None, eval_datasets=(),
