@@ -88,6 +88,12 @@ def read_json(path: str | os.PathLike) -> dict | None:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def same_settings(previous: dict | None, settings: dict) -> bool:
+    """Whether a results file read back from disk was made with ``settings``: compared as JSON
+    (tuples come back as lists), so that a resumed run keeps the earlier results."""
+    return (previous or {}).get("settings") == json.loads(json.dumps(settings))
+
+
 def rss_bytes() -> int:
     """Resident set size of this process now."""
     try:

@@ -26,7 +26,8 @@ sys.path[:0] = [str(HERE), str(HERE.parent)]
 
 import torch  # noqa: E402
 
-from common import RESULTS_DIR, Timer, header, log, read_json, set_threads, write_json  # noqa: E402
+from common import (RESULTS_DIR, Timer, header, log, read_json, same_settings,  # noqa: E402
+                    set_threads, write_json)
 from gqaprune_core import data  # noqa: E402
 from gqaprune_core.config import PRESETS  # noqa: E402
 from gqaprune_core.evaluate import perplexity  # noqa: E402
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
     out["settings"] = {"ratio": args.ratio, "fit_fraction": FIT_FRACTION,
                        "windows": {n: list(w.shape) for n, w in windows.items()},
                        "base": BASE.to_dict()}
-    same = previous.get("settings") == out["settings"]
+    same = same_settings(previous, out["settings"])
     out["dense"] = previous["dense"] if same else {
         n: perplexity(model, w, corpus=n).value for n, w in windows.items()}
     out["results"] = previous.get("results", {}) if same else {}

@@ -22,7 +22,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
-from common import RESULTS_DIR, Timer, header, log, read_json, set_threads, write_json  # noqa: E402
+from common import (RESULTS_DIR, Timer, header, log, read_json, same_settings,  # noqa: E402
+                    set_threads, write_json)
 from select_default import (BASE, DPW, FIT_FRACTION, demo_and_held_out_windows,  # noqa: E402
                             validate)
 
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
                        "windows": {n: list(w.shape) for n, w in windows.items()},
                        "base": config.to_dict()}
     previous = read_json(args.out) or {}
-    same = previous.get("settings") == out["settings"]
+    same = same_settings(previous, out["settings"])
     out["results"] = previous.get("results", {}) if same else {}
     out["dense"] = {n: perplexity(dense_model, w, corpus=n).value for n, w in windows.items()}
     with Timer() as clock:

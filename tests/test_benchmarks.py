@@ -144,3 +144,17 @@ def test_quick_mode_keeps_the_original_sequential_and_shrinks_samples():
     assert original.mode == "sequential" and naive.mode == "one-shot"
     assert any("one-shot" in note for note in notes)
     assert quality.method_config("naive-heads", 0.2, quality.parse_args([]))[0].mode == "sequential"
+
+
+def test_results_written_with_tuples_still_match_their_settings(tmp_path):
+    """A resumed selection run keeps the earlier results: settings read back from JSON (tuples
+    as lists) match the ones the run builds (a plain == dropped them every time)."""
+    from common import read_json, same_settings, write_json
+
+    settings = {"ratio": 0.2, "base": {"eval_datasets": ("demo", "pydoc")}}
+    write_json(tmp_path / "r.json", {"settings": settings, "results": {"a": 1}})
+    previous = read_json(tmp_path / "r.json")
+    assert previous["settings"] != settings  # why the JSON comparison is needed
+    assert same_settings(previous, settings)
+    assert not same_settings(previous, {**settings, "ratio": 0.3})
+    assert not same_settings(None, settings)
