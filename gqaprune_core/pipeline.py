@@ -28,8 +28,8 @@ from gqaprune_core.models import count_parameters, layout, load_model
 from gqaprune_core.plan import PruningPlan
 from gqaprune_core.pruner import prune_model_
 from gqaprune_core.recovery import RecoveryReport, recover_
-from gqaprune_core.schedule import (UnitAllocation, UnitCost, allocate_units, layer_rates,
-                                    unit_costs)
+from gqaprune_core.rates import layer_rates
+from gqaprune_core.schedule import UnitAllocation, UnitCost, allocate_units, unit_costs
 from gqaprune_core.sensitivity.gate import gate_search, held_out_name
 from gqaprune_core.sensitivity.optimize import allocation_rates, optimize_units
 from gqaprune_core.sensitivity.predict import predict_kept

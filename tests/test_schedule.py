@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 
 from gqaprune_core.models import LayerLayout, count_parameters, decoder_layers, layout
 from gqaprune_core.plan import LayerPlan, identity_plan
-from gqaprune_core.schedule import UnitCost, allocate_units, channel_block, layer_rates, unit_costs
+from gqaprune_core.rates import layer_rates
+from gqaprune_core.schedule import UnitCost, allocate_units, channel_block, unit_costs
 from gqaprune_core.surgery import apply_plan_
 from gqaprune_core.tiny import tiny_model
 
