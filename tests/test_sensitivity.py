@@ -231,22 +231,30 @@ def test_the_probe_scales_the_additive_sum_by_how_losses_compounded():
     assert predict(probed, [0, 0, 0], [12] * 3).loss_increase == pytest.approx(2.5 * additive)
 
 
-def test_the_probe_measures_every_layer_cut_at_once_with_sequential_refit(make_tiny, profile_windows):
+@pytest.mark.parametrize("feedback", [0.0, 0.5])
+def test_the_probe_measures_every_layer_cut_at_once_with_sequential_refit(make_tiny, profile_windows,
+                                                                          feedback):
     from gqaprune_core.compensate import prune_mlp_compensated_
 
     model = make_tiny(layers=3)
     fit, ids = profile_windows
-    profile = compute_profile(model, fit, ids, ProfileSettings(mode="anchored"))
+    profile = compute_profile(model, fit, ids, ProfileSettings(mode="anchored",
+                                                               refit_feedback=feedback))
     assert profile.probe_rate == 0.3
     # the same schedule by the in-memory pipeline's sequential re-fit (one batch of all fit
-    # windows; the probe sums batches of 8: equal up to rounding), measured on the same windows
+    # windows; the probe sums batches of 8: equal up to rounding), measured on the same windows,
+    # with the pipeline's feedback toward the dense model's residual stream when it has one
     pruned = copy.deepcopy(model)
     widths = [s.mlp_width for s in layout(model)]
-    prune_mlp_compensated_(pruned, fit, [w - round(0.3 * w) for w in widths], ridge=0.1)
+    prune_mlp_compensated_(pruned, fit, [w - round(0.3 * w) for w in widths], ridge=0.1,
+                           feedback=feedback)
     positions = ids.shape[0] * (ids.shape[1] - 1)
     expected = (float(window_nll(pruned, ids).sum()) - float(window_nll(model, ids).sum())) / positions
     assert profile.probe_loss == pytest.approx(expected, rel=1e-4, abs=1e-6)
     assert profile.probe_sigma > 0
+    if feedback:  # the feedback changed what the probe measured
+        plain = compute_profile(model, fit, ids, ProfileSettings(mode="anchored"))
+        assert abs(plain.probe_loss - profile.probe_loss) > 1e-4 * abs(plain.probe_loss)
     assert compute_profile(model, fit, ids, ProfileSettings(probe_rate=0.0)).probe_rate == 0.0
 
 

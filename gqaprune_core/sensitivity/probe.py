@@ -9,10 +9,11 @@ re-fit corrects some earlier damage); on the demo model the probe measured 0.87x
 (BENCHMARKS.md, "Sensitivity and prediction"). The probe measures that factor for the model
 at hand: every layer loses ``round(r * I)`` MLP
 channels, chosen by output energy and re-fit on the fit windows *as the probe's own earlier
-cuts change them* (as the pipeline's sequential re-fit does), and the profile windows run
-through all L cut layers at once. The profile stores the measured loss increase; the
-predictor divides it by its own additive sum for the same schedule
-(:func:`gqaprune_core.sensitivity.predict.compounding`).
+cuts change them* (as the pipeline's sequential re-fit does, with its ``refit_feedback``: then
+a third stream carries the fit windows through the layers uncut, the dense model the re-fit
+steers back toward), and the profile windows run through all L cut layers at once. The
+profile stores the measured loss increase; the predictor divides it by its own additive sum
+for the same schedule (:func:`gqaprune_core.sensitivity.predict.compounding`).
 
 It walks the layers with the profile: :meth:`JointProbe.step` is called with layer l after
 layer l-1, cuts a copy of it, and advances the probe's fit and profile streams through that
@@ -39,21 +40,28 @@ class JointProbe:
     (the measured loss), both through the layers cut so far."""
 
     def __init__(self, model: nn.Module, fit: torch.Tensor, first_call: LayerCall, rate: float,
-                 ridge: float, batch_size: int) -> None:
+                 ridge: float, batch_size: int, feedback: float = 0.0) -> None:
         device = next(model.parameters()).device
         self.fit = embed(model, fit, batch_size, device, store=device)
+        # the fit windows through the layers uncut (only with feedback; the layer-wise path's
+        # dense stream): the tensors are shared until the first layer replaces them
+        self.dense = list(self.fit.hidden) if feedback else None
         self.hidden = first_call.hidden
-        self.rate, self.ridge = rate, ridge
+        self.rate, self.ridge, self.feedback = rate, ridge, feedback
 
     @torch.no_grad()
     def step(self, shape: LayerLayout, layer: nn.Module, call: LayerCall) -> None:
         """Cut a copy of ``layer`` (the probe's rate of its MLP channels, energy and re-fit on
-        the probe's fit stream) and advance both streams through it."""
+        the probe's fit stream) and advance the streams through it."""
         keep = shape.mlp_width - round(self.rate * shape.mlp_width)
         variant = copy.deepcopy(layer)
         if keep < shape.mlp_width:
-            cut = LayerCut(shape.kv_heads, keep, "magnitude", compensate=True, ridge=self.ridge)
-            prune_layer_(variant, shape, cut, self.fit)  # cuts and advances the fit stream
+            cut = LayerCut(shape.kv_heads, keep, "magnitude", compensate=True, ridge=self.ridge,
+                           feedback=self.feedback)
+            prune_layer_(variant, shape, cut, self.fit, self.dense)  # cuts, advances the streams
         else:
+            if self.dense is not None:
+                self.dense[:] = [self.fit.run(variant, b, h).to(h.device)
+                                 for b, h in enumerate(self.dense)]
             self.fit.advance(variant)
         self.hidden = call.run(variant, self.hidden)

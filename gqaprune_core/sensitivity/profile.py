@@ -79,6 +79,7 @@ class ProfileSettings:
     unit_importance: str = "taylor"
     compensate: bool = True
     refit_ridge: float = 0.1
+    refit_feedback: float = 0.0  # the joint probe's, as the pipeline's (single cuts: no drift)
     mode: Mode = "anchored"
     probe_rate: float = PROBE_MLP_RATE  # the joint probe's MLP rate (probe.py); 0: none
 
@@ -92,6 +93,9 @@ class ProfileSettings:
             if getattr(self, name) < 2:
                 raise ValueError(f"sensitivity {name}={getattr(self, name)} must be >= 2 "
                                  "(the uncertainty needs at least two windows)")
+        if not 0.0 <= self.refit_feedback <= 1.0:
+            raise ValueError(f"sensitivity refit_feedback={self.refit_feedback} must lie in "
+                             "[0, 1]")
         if not 0.0 <= self.probe_rate < 1.0:
             raise ValueError(f"sensitivity probe_rate={self.probe_rate} must lie in [0, 1)")
         for name in ("fit_seq_len", "seq_len"):
@@ -105,7 +109,8 @@ class ProfileSettings:
                    fit_seq_len=config.seq_len, samples=config.sensitivity_samples,
                    seq_len=config.sensitivity_seq_len, seed=config.seed,
                    unit_importance=config.unit_importance, compensate=config.compensate,
-                   refit_ridge=config.refit_ridge, mode=config.sensitivity_mode)
+                   refit_ridge=config.refit_ridge, refit_feedback=config.refit_feedback,
+                   mode=config.sensitivity_mode)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -289,7 +294,8 @@ def compute_profile(model: nn.Module, fit: torch.Tensor, ids: torch.Tensor,
         shapes, layers = layout(model), decoder_layers(model)
         grams = fit_grams(model, fit, batch_size) if settings.compensate else None
         probe = (JointProbe(model, fit, held.calls[0], settings.probe_rate, settings.refit_ridge,
-                            batch_size) if settings.compensate and settings.probe_rate else None)
+                            batch_size, settings.refit_feedback)
+                 if settings.compensate and settings.probe_rate else None)
         total = sum(_passes(shape, settings.mode) for shape in shapes)
         done = [0]
 
