@@ -172,7 +172,8 @@ def _add_importance_flags(parser: argparse.ArgumentParser, d: PruneConfig) -> No
         f"(default: {d.refit_ridge})"))
     group.add_argument("--refit_feedback", type=float, help=(
         "share (0..1) of the drift from the dense model's residual stream that each layer's "
-        f"re-fit also corrects (default: {d.refit_feedback})"))
+        f"re-fit also corrects (default: {d.refit_feedback}; "
+        f"{PRESETS['default'].refit_feedback} in the 'default' preset)"))
     group.add_argument("--channel_selection", choices=CHANNEL_SELECTIONS, help=(
         "with --compensate, how MLP channels are chosen: 'energy' (output energy), 'fisher' "
         "(loss-weighted cost from one backward pass) or 'energy+fisher' (both; the 'default' "
