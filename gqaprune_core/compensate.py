@@ -178,14 +178,21 @@ def prune_mlp_compensated_(model: nn.Module, calibration: torch.Tensor,
     todo = [i for i, keep in enumerate(channels_to_keep) if keep < shapes[i].mlp_width]
     results: dict[int, LayerPlan] = {}
     handles = []
-    targets = dense_residuals(model, calibration, todo) if feedback else {}
     fisher = None  # loss-weighted scores of the model as it is now (attention cut, MLPs whole)
     needs_fisher = bool(todo) and scores is None and selection in ("fisher", "energy+fisher")
-    # progress counts the Fisher pass's windows, then the layers cut: one bar for both
-    windows = calibration.shape[0] if needs_fisher else 0
+    # progress counts the dense pass (with feedback), the Fisher pass's windows, then the
+    # layers cut: one bar for all
+    dense = 1 if feedback and todo else 0
+    windows = dense + (calibration.shape[0] if needs_fisher else 0)
+    if progress is not None and dense:
+        progress(0, windows + len(todo))
+    targets = dense_residuals(model, calibration, todo) if feedback else {}
+    if progress is not None and dense:
+        progress(dense, windows + len(todo))
     if needs_fisher:
         fisher = fisher_channel_scores(model, calibration, progress=None if progress is None else
-                                       lambda done, total: progress(done, windows + len(todo)))
+                                       lambda done, total: progress(dense + done,
+                                                                    windows + len(todo)))
     before_mlp: dict[int, torch.Tensor] = {}  # r̃: the pruned model's residual before the MLP
 
     def norm_hook(index: int):

@@ -133,18 +133,24 @@ def test_loss_weighted_selection_keeps_what_the_loss_needs(make_tiny, selection)
         assert kept == set(torch.topk(fisher, keep).indices.tolist())
 
 
-@pytest.mark.parametrize("selection,windows", [("energy", 0), ("energy+fisher", 12)])
-def test_progress_counts_the_fisher_pass_then_the_layers(make_tiny, selection, windows):
+@pytest.mark.parametrize("selection,feedback,windows", [
+    ("energy", 0.0, 0), ("energy+fisher", 0.0, 12), ("energy+fisher", 0.25, 13)])
+def test_progress_counts_the_dense_and_fisher_passes_then_the_layers(make_tiny, selection,
+                                                                     feedback, windows):
     model = make_tiny("llama")
     calibration = torch.randint(0, 97, (12, 16), generator=torch.Generator().manual_seed(4))
     width = layout(model)[0].mlp_width
     calls = []
     prune_mlp_compensated_(model, calibration, [width // 2, width, width // 2],
-                           selection=selection, progress=lambda d, t: calls.append((d, t)))
-    assert {t for _, t in calls} == {windows + 2}  # one total: the windows, then 2 layers cut
+                           selection=selection, feedback=feedback,
+                           progress=lambda d, t: calls.append((d, t)))
+    # one total: the dense pass (with feedback, one step), the Fisher windows, 2 layers cut
+    assert {t for _, t in calls} == {windows + 2}
     done = [d for d, _ in calls]
     assert done == sorted(done) and done[-1] == windows + 2 and done[-2] == windows + 1
-    assert (len(done) > 2) == bool(windows)  # the Fisher pass reports as it goes
+    assert (len(done) > 2) == bool(windows)  # the passes report as they go
+    if feedback:  # the bar starts before the dense pass, and that pass is its first step
+        assert done[:2] == [0, 1]
 
 
 def test_unknown_selection_is_refused(make_tiny):
