@@ -17,7 +17,6 @@ Strategy = Literal["inverse", "proportional", "uniform"]
 STRATEGIES: tuple[str, ...] = ("inverse", "proportional", "uniform")
 
 
-
 def _check_rate_settings(target: float, min_rate: float, max_rate: float, alpha: float) -> None:
     for name, value in (("target", target), ("min_rate", min_rate), ("max_rate", max_rate)):
         if not 0.0 <= value < 1.0:
