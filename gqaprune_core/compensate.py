@@ -165,8 +165,8 @@ def prune_mlp_compensated_(model: nn.Module, calibration: torch.Tensor,
         selection: how channels are chosen when ``scores`` is None: one of
             :data:`CHANNEL_SELECTIONS` (see :func:`select_scores`; ``fisher`` and
             ``energy+fisher`` cost one backward pass over ``calibration`` first).
-        progress: ``(done, total)`` over the Fisher pass's windows (when it runs) and then
-            the layers cut.
+        progress: ``(done, total)`` over the dense pass (one step, with feedback), the Fisher
+            pass's windows (when it runs) and then the layers cut.
     """
     if not 0.0 <= feedback <= 1.0:
         raise ValueError(f"feedback={feedback} must lie in [0, 1]")
@@ -183,16 +183,16 @@ def prune_mlp_compensated_(model: nn.Module, calibration: torch.Tensor,
     # progress counts the dense pass (with feedback), the Fisher pass's windows, then the
     # layers cut: one bar for all
     dense = 1 if feedback and todo else 0
-    windows = dense + (calibration.shape[0] if needs_fisher else 0)
+    passes = dense + (calibration.shape[0] if needs_fisher else 0)  # steps before the layers
     if progress is not None and dense:
-        progress(0, windows + len(todo))
+        progress(0, passes + len(todo))
     targets = dense_residuals(model, calibration, todo) if feedback else {}
     if progress is not None and dense:
-        progress(dense, windows + len(todo))
+        progress(dense, passes + len(todo))
     if needs_fisher:
         fisher = fisher_channel_scores(model, calibration, progress=None if progress is None else
                                        lambda done, total: progress(dense + done,
-                                                                    windows + len(todo)))
+                                                                    passes + len(todo)))
     before_mlp: dict[int, torch.Tensor] = {}  # r̃: the pruned model's residual before the MLP
 
     def norm_hook(index: int):
@@ -231,7 +231,7 @@ def prune_mlp_compensated_(model: nn.Module, calibration: torch.Tensor,
             mlp.down_proj.weight.data.copy_(new_down)
             results[index] = layer_plan
             if progress is not None:
-                progress(windows + len(results), windows + len(todo))
+                progress(passes + len(results), passes + len(todo))
 
         return hook
 

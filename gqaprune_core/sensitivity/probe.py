@@ -55,13 +55,8 @@ class JointProbe:
         the probe's fit stream) and advance the streams through it."""
         keep = shape.mlp_width - round(self.rate * shape.mlp_width)
         variant = copy.deepcopy(layer)
-        if keep < shape.mlp_width:
-            cut = LayerCut(shape.kv_heads, keep, "magnitude", compensate=True, ridge=self.ridge,
-                           feedback=self.feedback)
-            prune_layer_(variant, shape, cut, self.fit, self.dense)  # cuts, advances the streams
-        else:
-            if self.dense is not None:
-                self.dense[:] = [self.fit.run(variant, b, h).to(h.device)
-                                 for b, h in enumerate(self.dense)]
-            self.fit.advance(variant)
+        cut = LayerCut(shape.kv_heads, keep, "magnitude", compensate=True, ridge=self.ridge,
+                       feedback=self.feedback)
+        # cuts (nothing when keep is the whole width) and advances the fit and dense streams
+        prune_layer_(variant, shape, cut, self.fit, self.dense)
         self.hidden = call.run(variant, self.hidden)
