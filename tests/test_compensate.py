@@ -7,8 +7,8 @@ import copy
 import pytest
 import torch
 
-from gqaprune_core.compensate import (channel_energy, prune_mlp_compensated_, refit_down,
-                                      select_scores)
+from gqaprune_core.compensate import (channel_energy, dense_residuals, prune_mlp_compensated_,
+                                      refit_down, select_scores)
 from gqaprune_core.models import layout
 from gqaprune_core.plan import identity_plan
 from gqaprune_core.surgery import apply_plan_
@@ -90,6 +90,21 @@ def test_feedback_pulls_the_residual_stream_toward_the_dense_model(make_tiny):
             hidden = model.model(calibration).last_hidden_state
             errors[feedback] = (hidden - dense.model(calibration).last_hidden_state).pow(2).mean()
     assert errors[1.0] < errors[0.0]
+
+
+def test_dense_residuals_are_the_layer_outputs_in_the_model_dtype(make_tiny):
+    """The feedback's dense targets are each layer's output, kept in host memory in the model's
+    own dtype (bfloat16 stays bfloat16: half the bytes of float32, nothing lost)."""
+    model = make_tiny().to(torch.bfloat16)
+    calibration = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(2))
+    targets = dense_residuals(model, calibration, [0, 1])  # the last one's is normed below
+    assert sorted(targets) == [0, 1]
+    with torch.no_grad():
+        states = model.model(calibration, output_hidden_states=True).hidden_states
+    for index, target in targets.items():
+        assert target.dtype == torch.bfloat16 and target.device.type == "cpu"
+        assert target.shape == (2 * 12, states[0].shape[-1])
+        assert torch.equal(target, states[index + 1].reshape(target.shape))
 
 
 def test_feedback_out_of_range_is_refused(make_tiny):
