@@ -70,6 +70,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     # point measured, not read off one anchor per layer), MLP only as the default, no feedback
     "default/no-feedback": (DPW, {"refit_feedback": 0.0}),
     "default/feedback-0.5": (DPW, {"refit_feedback": 0.5}),
+    "default/128x512": (DPW, {"seq_len": 512}),
     "optimized/exact-mlp": (DPW, {"pruning_strategy": "optimized", "sensitivity_mode": "exact",
                                   "refit_feedback": 0.0}),
     "previous/64x512": (DPW, {"alpha": 2.0, "channel_selection": "energy", "num_examples": 64,
