@@ -65,6 +65,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "default/ridge-0.03": (DPW, {"refit_ridge": 0.03}),
     "default/alpha-6": (DPW, {"alpha": 6.0}),
     "default/max-0.85": (DPW, {"max_pruning_rate": 0.85}),
+    "default/max-0.95": (DPW, {"max_pruning_rate": 0.95}),
     # fifth round (issue 16): the re-fit's feedback (0.25 since, "default"), against none (the
     # third round's default) and 0.5; the optimized schedule from an exact profile (every grid
     # point measured, not read off one anchor per layer), MLP only as the default, no feedback
