@@ -65,15 +65,16 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "default/ridge-0.03": (DPW, {"refit_ridge": 0.03}),
     "default/alpha-6": (DPW, {"alpha": 6.0}),
     "default/max-0.85": (DPW, {"max_pruning_rate": 0.85}),
-    "default/max-0.95": (DPW, {"max_pruning_rate": 0.95}),
     # fifth round (issue 16): the re-fit's feedback (0.25 since, "default"), against none (the
     # third round's default) and 0.5; the optimized schedule from an exact profile (every grid
     # point measured, not read off one anchor per layer), MLP only as the default, no feedback
     "default/no-feedback": (DPW, {"refit_feedback": 0.0}),
     "default/feedback-0.5": (DPW, {"refit_feedback": 0.5}),
-    "default/128x512": (DPW, {"seq_len": 512}),
     "optimized/exact-mlp": (DPW, {"pruning_strategy": "optimized", "sensitivity_mode": "exact",
                                   "refit_feedback": 0.0}),
+    # sixth round (issue 16), around the feedback default (ridge, alpha, cap 0.85: rows above)
+    "default/128x512": (DPW, {"seq_len": 512}),
+    "default/max-0.95": (DPW, {"max_pruning_rate": 0.95}),
     "previous/64x512": (DPW, {"alpha": 2.0, "channel_selection": "energy", "num_examples": 64,
                                "seq_len": 512}),
     "previous/256x256": (DPW, {"alpha": 2.0, "channel_selection": "energy",
