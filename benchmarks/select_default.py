@@ -75,6 +75,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     # sixth round (issue 16), around the feedback default (ridge, alpha, cap 0.85: rows above)
     "default/128x512": (DPW, {"seq_len": 512}),
     "default/max-0.95": (DPW, {"max_pruning_rate": 0.95}),
+    # seventh round: what layer-wise runs chose before they took the Fisher pass layer by layer
+    "default/energy": (DPW, {"channel_selection": "energy"}),
     "previous/64x512": (DPW, {"alpha": 2.0, "channel_selection": "energy", "num_examples": 64,
                                "seq_len": 512}),
     "previous/256x256": (DPW, {"alpha": 2.0, "channel_selection": "energy",

@@ -100,7 +100,7 @@ def layerwise_job(config: PruneConfig, model: nn.Module, tokenizer: Any,
     output = folder / CHECKPOINT_NAME
 
     def on_step(step: LayerStep) -> None:
-        progress(f"{step.stage} (layer-wise, {step.seconds:.1f} s/layer, "
+        progress(f"{step.stage.replace('_', ' ')} (layer-wise, {step.seconds:.1f} s/layer, "
                  f"{step.memory_bytes / 2**30:.1f} GiB in use)", step.index + 1, step.total)
 
     try:

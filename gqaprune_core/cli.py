@@ -239,18 +239,18 @@ def _run(args: argparse.Namespace, argv: Sequence[str], prep: Prepared,
         if prep.layerwise:
             from gqaprune_core.checkpoint import DEFAULT_MAX_SHARD_SIZE
             from gqaprune_core.export.shards import parse_size
-            from gqaprune_core.layerwise.pipeline import run_layerwise, streamable_selection
+            from gqaprune_core.layerwise.pipeline import run_layerwise
 
             log.info("layer-wise: one decoder layer at a time from %s (the model is always "
                      "written, to %s)", prep.config.base_model, paths.model)
-            substituted = streamable_selection(prep.config)[1]
-            if substituted:
-                log.info("layer-wise: MLP channels chosen by %s", substituted)
             result = run_layerwise(prep.config, paths.model, importance=prep.importance,
                                    evaluate=args.test_after_prune, overwrite=args.overwrite,
                                    progress=bars, on_step=bars.step,
                                    max_shard_bytes=parse_size(args.max_shard_size
                                                               or DEFAULT_MAX_SHARD_SIZE))
+            substituted = result.report["layerwise"].get("channel_selection")
+            if substituted:
+                log.info("layer-wise: MLP channels chosen by %s", substituted)
         else:
             result = run_pipeline(prep.config, prep.model, prep.tokenizer,
                                   importance=prep.importance, copy_model=False,

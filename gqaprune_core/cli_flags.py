@@ -177,7 +177,9 @@ def _add_importance_flags(parser: argparse.ArgumentParser, d: PruneConfig) -> No
     group.add_argument("--channel_selection", choices=CHANNEL_SELECTIONS, help=(
         "with --compensate, how MLP channels are chosen: 'energy' (output energy), 'fisher' "
         "(loss-weighted cost from one backward pass) or 'energy+fisher' (both; the 'default' "
-        f"preset's; layer-wise runs use 'energy') (default: {d.channel_selection})"))
+        "preset's; layer-wise runs take the backward pass one layer at a time, keeping every "
+        "layer's input in host memory, and fall back to 'energy' when that would take more "
+        f"than half of the free memory) (default: {d.channel_selection})"))
 
 
 def _add_data_flags(parser: argparse.ArgumentParser, d: PruneConfig) -> None:

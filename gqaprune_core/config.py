@@ -213,7 +213,7 @@ ORIGINAL = PruneConfig()
 # - channels chosen by output energy and by their loss-weighted (Fisher) cost together, and
 #   down_proj re-fit toward the original weights (held out at 20 %, alpha 4: energy alone
 #   1.68 geometric-mean ratio, 1.97 on the unseen license texts; energy + Fisher 1.63 and
-#   1.88; the Fisher half costs one backward pass; layer-wise runs use energy alone);
+#   1.88; the Fisher half costs one backward pass, layer by layer in layer-wise runs);
 # - per-layer rates from block influence (one forward pass, no layer-bypass scan), no floor,
 #   alpha 4 (sharper contrast helped up to 4-6, not 8: 1.71 / 1.69 / 1.68 / 1.68 / 1.69 for
 #   alpha 1.5 / 2 / 4 / 6 / 8 with energy alone);

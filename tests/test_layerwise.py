@@ -55,11 +55,14 @@ def _assert_same_run(in_memory, layerwise, output, atol: float = 1e-5) -> None:
     assert layerwise.report["params_after"] == in_memory.report["params_after"]
 
 
-# Layer by layer MLP channels are chosen by output energy (the default preset's Fisher half needs
-# gradients through the whole model): the in-memory runs compared here choose them alike.
+# Most settings choose MLP channels by output energy (one pass); "fisher" and "fisher_groups"
+# are the default preset's energy + Fisher shares (a backward pass, layer by layer).
 ENERGY = PRESETS["default"].with_(channel_selection="energy")
 SETTINGS = {
     "default": ENERGY.with_(**SMALL),
+    "fisher": PRESETS["default"].with_(**SMALL),
+    "fisher_groups": PRESETS["default"].with_(**SMALL | {"pruning_ratio": 0.3},
+                                              unit_importance="magnitude", prune_attention=True),
     "feedback": ENERGY.with_(**SMALL, refit_feedback=0.5),
     "groups_magnitude": PRESETS["original"].with_(**SMALL | {"pruning_ratio": 0.3},
                                                   unit_importance="magnitude", prune_mlp=True,
@@ -128,19 +131,48 @@ def test_pruned_checkpoint_is_pruned_again_like_in_memory(make_tiny, tmp_path):
     _assert_same_run(in_memory, layerwise, tmp_path / "out")
 
 
-def test_the_default_presets_fisher_half_streams_as_energy(make_tiny, tmp_path):
-    """The default preset chooses channels by energy and Fisher scores in memory; layer by layer
-    it uses energy alone, says so in the report, and equals an in-memory energy run."""
-    model, tokenizer, path = _saved(make_tiny, tmp_path)
-    config = PRESETS["default"].with_(**SMALL | {"max_eval_windows": 1}, base_model=str(path))
-    assert config.channel_selection == "energy+fisher"
-    layerwise = run_layerwise(config, tmp_path / "out")
-    assert "energy" in layerwise.report["layerwise"]["channel_selection"]
-    assert layerwise.report["config"]["channel_selection"] == "energy"
-    in_memory = run_pipeline(config.with_(channel_selection="energy"), model, tokenizer)
-    _assert_same_run(in_memory, layerwise, tmp_path / "out")
-    fisher = run_pipeline(config, model, tokenizer)
-    assert fisher.plan != in_memory.plan  # the in-memory default does choose otherwise
+def test_streamed_fisher_scores_equal_the_whole_model_backward(make_tiny, tmp_path):
+    from gqaprune_core.layerwise.fisher import streamed_fisher
+    from gqaprune_core.layerwise.prune import LayerCut
+    from gqaprune_core.unit_importance import fisher_channel_scores
+
+    model, _, path = _saved(make_tiny, tmp_path)
+    windows = torch.randint(0, 97, (5, 20), generator=torch.Generator().manual_seed(5))
+    expected = fisher_channel_scores(model, windows, chunk_size=2)
+    source = open_source(path)
+    skeleton = open_model(source, torch.device("cpu"), torch.float32)
+    shapes = layout(skeleton)
+    whole = [LayerCut(s.kv_heads, s.mlp_width, "magnitude", True) for s in shapes]
+    with torch.no_grad():  # the caller's grad mode does not matter
+        got = streamed_fisher(skeleton, source, shapes, whole, windows, torch.device("cpu"),
+                              torch.float32, batch_size=3)
+    assert sorted(got) == sorted(expected)
+    for index in expected:
+        torch.testing.assert_close(got[index], expected[index], rtol=1e-4, atol=0.0)
+        assert expected[index].abs().sum() > 0
+
+
+def test_fisher_falls_back_to_energy_when_its_store_would_not_fit(make_tiny, tmp_path):
+    """The backward pass keeps every layer's input in host memory: with too little free, the
+    run chooses channels by energy and says why with the numbers."""
+    from gqaprune_core.layerwise.fisher import store_bytes
+    from gqaprune_core.layerwise.pipeline import streamable_selection
+
+    _, _, path = _saved(make_tiny, tmp_path)
+    config = SETTINGS["fisher"].with_(base_model=str(path))
+    source = open_source(path)
+    needed = store_bytes(source.num_layers, config.num_examples, config.seq_len,
+                         source.config.hidden_size, torch.float32)
+    assert needed == source.num_layers * 6 * 24 * source.config.hidden_size * 4
+    assert streamable_selection(config, source, torch.float32, free_host=2 * needed) == (
+        config, None)
+    fallback, note = streamable_selection(config, source, torch.float32, free_host=needed)
+    assert fallback.channel_selection == "energy" and "--num_examples" in note
+    assert f"{needed / 2**30:.1f} GiB" in note
+    unchanged = SETTINGS["default"].with_(base_model=str(path))
+    assert streamable_selection(unchanged, source, torch.float32, free_host=0) == (
+        unchanged, None)
+    source.close()
 
 
 def test_output_is_sharded_and_streamed_back(make_tiny, tmp_path):

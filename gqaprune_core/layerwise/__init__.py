@@ -13,14 +13,16 @@ brings one decoder layer at a time onto the device::
 
 Modules: :mod:`.source` (open a model directory lazily, build the skeleton, load one layer),
 :mod:`.stream` (hidden states and running one layer over them, with per-layer progress),
-:mod:`.importance` (layer scores in one streamed pass), :mod:`.prune` (one layer's cut and
-``down_proj`` re-fit), :mod:`.evaluate` (streamed perplexity), :mod:`.output` (the checkpoint
-writer), :mod:`.pipeline` (the whole run, and when to use it).
+:mod:`.importance` (layer scores in one streamed pass), :mod:`.fisher` (loss-weighted channel
+scores: a forward pass keeping each layer's input, then a backward pass last layer first),
+:mod:`.prune` (one layer's cut and ``down_proj`` re-fit), :mod:`.evaluate` (streamed
+perplexity), :mod:`.output` (the checkpoint writer), :mod:`.pipeline` (the whole run, and
+when to use it).
 
-Forward-only methods stream: layer scores ``block_influence`` and ``activation``, group and
-channel scores ``magnitude`` and ``random``, and MLP channels by output energy with the
-least-squares re-fit. Taylor scores need gradients through the whole model and are refused
-(:func:`.pipeline.check_streamable`); so do Fisher channel scores, which the ``default`` preset
-adds to energy in memory: layer by layer it keeps energy alone and says so
-(:func:`.pipeline.streamable_selection`).
+What streams: layer scores ``block_influence``, ``activation`` and ``removal``, group and
+channel scores ``magnitude`` and ``random``, and MLP channels by output energy and Fisher
+scores (the ``default`` preset's) with the least-squares re-fit. Taylor scores need gradients
+for every weight through the whole model and are refused (:func:`.pipeline.check_streamable`);
+Fisher scores fall back to energy alone, with a note, when the backward pass's store of hidden
+states would not fit in host memory (:func:`.pipeline.streamable_selection`).
 """

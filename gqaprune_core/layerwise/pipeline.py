@@ -27,6 +27,7 @@ from gqaprune_core.data import calibration_batch
 from gqaprune_core.export.shards import DEFAULT_MAX_SHARD_BYTES
 from gqaprune_core.layer_importance import LayerImportance
 from gqaprune_core.layerwise.evaluate import streamed_corpora
+from gqaprune_core.layerwise.fisher import STORE_SHARE, store_bytes, streamed_fisher
 from gqaprune_core.layerwise.importance import streamed_importance
 from gqaprune_core.layerwise.output import write_checkpoint
 from gqaprune_core.layerwise.prune import LAYER_LOCAL_UNIT_METHODS, LayerCut, prune_layer_
@@ -66,15 +67,26 @@ def check_streamable(config: PruneConfig) -> None:
                          "layer-wise; leave out --max_ppl_increase, or use --layerwise off")
 
 
-def streamable_selection(config: PruneConfig) -> tuple[PruneConfig, str | None]:
-    """``config`` with MLP channels chosen by output energy when it asks for Fisher scores,
-    which need gradients through the whole model, and the note saying so (None if unchanged).
-    The ``default`` preset's ``energy+fisher`` thus streams as ``energy``."""
+def streamable_selection(config: PruneConfig, source: ModelSource, dtype: torch.dtype,
+                         free_host: int | None = None) -> tuple[PruneConfig, str | None]:
+    """``config`` as it streams, and a note when it had to change (None if unchanged).
+
+    Fisher channel scores (``fisher``, or the ``default`` preset's ``energy+fisher``) stream
+    with a backward pass layer by layer that keeps every layer's input hidden states in host
+    memory (:func:`gqaprune_core.layerwise.fisher.store_bytes`). When that store would take more
+    than half of the free host memory (``free_host``; default: what the OS reports), channels
+    are chosen by output energy alone instead, and the note says so with the numbers."""
     if not (config.compensate and config.prune_mlp) or config.channel_selection == "energy":
         return config, None
+    needed = store_bytes(source.num_layers, config.num_examples, config.seq_len,
+                         source.config.hidden_size, dtype)
+    free = free_memory(torch.device("cpu")) if free_host is None else free_host
+    if needed <= STORE_SHARE * free:
+        return config, None
     return config.with_(channel_selection="energy"), (
-        f"energy (channel_selection {config.channel_selection!r} needs gradients through the "
-        "whole model; layer by layer MLP channels are chosen by output energy)")
+        f"energy (channel_selection {config.channel_selection!r} would keep {needed / 2**30:.1f} "
+        f"GiB of hidden states in host memory for its backward pass, more than half of the "
+        f"{free / 2**30:.1f} GiB free; fewer --num_examples or a shorter --seq_len make it fit)")
 
 
 def free_memory(device: torch.device) -> int:
@@ -128,7 +140,21 @@ def _progress_steps(progress: Progress | None, on_step: OnStep | None,
 def _cut_settings(config: PruneConfig, allocation: UnitAllocation, index: int) -> LayerCut:
     return LayerCut(allocation.groups_to_keep[index], allocation.channels_to_keep[index],
                     config.unit_importance, config.compensate, config.refit_ridge,
-                    config.refit_feedback, config.seed)
+                    config.refit_feedback, config.seed, config.channel_selection)
+
+
+def _fisher_scores(config: PruneConfig, model: nn.Module, source: ModelSource,
+                   allocation: UnitAllocation, calibration: torch.Tensor, device: torch.device,
+                   dtype: torch.dtype, batch_size: int, step: OnStep) -> dict:
+    """Per layer, Fisher channel scores when ``config`` chooses channels by them and some
+    layer's MLP is cut with re-fit (two more passes over the layers); else empty."""
+    shapes = layout(model)
+    cuts = [_cut_settings(config, allocation, i) for i in range(len(shapes))]
+    if (config.channel_selection == "energy" or not config.compensate
+            or all(c.channels >= s.mlp_width for c, s in zip(cuts, shapes))):
+        return {}
+    return streamed_fisher(model, source, shapes, cuts, calibration, device, dtype, batch_size,
+                           step)
 
 
 def _pruned_tensors(model: nn.Module, source: ModelSource, config: PruneConfig,
@@ -136,6 +162,8 @@ def _pruned_tensors(model: nn.Module, source: ModelSource, config: PruneConfig,
                     device: torch.device, dtype: torch.dtype, batch_size: int,
                     step: OnStep) -> Iterator[tuple[str, torch.Tensor]]:
     """Embedding, each cut layer's tensors as it is done, final norm, untied head."""
+    fisher = _fisher_scores(config, model, source, allocation, calibration, device, dtype,
+                            batch_size, step)
     shapes = layout(model)
     batches = embed(model, calibration, batch_size, device)
     dense = list(batches.hidden) if config.refit_feedback else None
@@ -143,7 +171,7 @@ def _pruned_tensors(model: nn.Module, source: ModelSource, config: PruneConfig,
     yield "model.embed_tokens.weight", inner.embed_tokens.weight.detach()
     for index, layer in layers_in_turn(model, source, device, dtype, "prune", step):
         plans.append(prune_layer_(layer, shapes[index], _cut_settings(config, allocation, index),
-                                  batches, dense))
+                                  batches, dense, fisher.pop(index, None)))
         for name, tensor in layer.state_dict().items():
             yield f"model.layers.{index}.{name}", tensor.detach().to("cpu")
     for name, tensor in inner.norm.state_dict().items():
@@ -204,7 +232,6 @@ def run_layerwise(config: PruneConfig, output: str | os.PathLike, *,
             cannot be read lazily, an ``output`` that exists (without ``overwrite``).
     """
     check_streamable(config)
-    config, substituted = streamable_selection(config)
     timings: dict[str, float] = {}
     steps: list[LayerStep] = []
     step = _progress_steps(progress, on_step, steps)
@@ -213,6 +240,7 @@ def run_layerwise(config: PruneConfig, output: str | os.PathLike, *,
     dtype = pick_dtype(device, config.dtype)
     start = time.perf_counter()
     with closing(open_source(config.base_model)) as source:
+        config, substituted = streamable_selection(config, source, dtype)
         tokenizer = load_tokenizer(source)
         model = open_model(source, device, dtype)
         timings["load"] = round(time.perf_counter() - start, 3)

@@ -11,8 +11,9 @@ each MLP on the inputs the *already pruned* earlier layers produce. Layer by lay
 2. with compensation: over all calibration batches, accumulate the Gram matrix ``C = hᵀh`` of
    the full MLP activations (N·T x I, float64), and with ``feedback`` β the drift
    ``hᵀ (r + m - r̃ - h Wᵀ)`` against the dense stream (attention cut, MLP whole, as the
-   in-memory path's ``dense_residuals``); keep the channels of largest output energy, re-fit
-   ``down_proj`` (:func:`gqaprune_core.compensate.refit_down`), cut;
+   in-memory path's ``dense_residuals``); keep the channels of largest output energy (or
+   energy and Fisher shares, from :mod:`gqaprune_core.layerwise.fisher`), re-fit ``down_proj``
+   (:func:`gqaprune_core.compensate.refit_down`), cut;
 3. run the cut layer over the batches: its outputs are the next layer's inputs.
 
 Sums over batches instead of one batch of N windows: equal up to float rounding.
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from gqaprune_core.compensate import channel_energy, mlp_activations, refit_down
+from gqaprune_core.compensate import channel_energy, mlp_activations, refit_down, select_scores
 from gqaprune_core.layerwise.stream import HiddenBatches, trim_heap
 from gqaprune_core.models import LayerLayout
 from gqaprune_core.plan import LayerPlan, top_k
@@ -47,13 +48,14 @@ class LayerCut:
     ridge: float = 0.1
     feedback: float = 0.0
     seed: int = 0
+    selection: str = "energy"  # how MLP channels are kept (compensate.select_scores)
 
 
 class _StopLayer(Exception):
     """Ends a layer's forward once the MLP input has been seen (its output is not needed)."""
 
 
-def _by_scores(layer: nn.Module, shape: LayerLayout, cut: LayerCut) -> LayerPlan:
+def by_scores(layer: nn.Module, shape: LayerLayout, cut: LayerCut) -> LayerPlan:
     """Groups (and, without compensation, channels) chosen by layer-local scores."""
     channels = shape.mlp_width if cut.compensate else cut.channels
     if cut.groups == shape.kv_heads and channels == shape.mlp_width:
@@ -108,12 +110,14 @@ def _statistics(layer: nn.Module, batches: HiddenBatches, dense: list[torch.Tens
 
 
 def _refit_mlp_(layer: nn.Module, shape: LayerLayout, plan: LayerPlan, cut: LayerCut,
-                batches: HiddenBatches, dense: list[torch.Tensor] | None) -> LayerPlan:
-    """Choose channels by output energy, re-fit down_proj, cut; returns the layer's plan."""
+                batches: HiddenBatches, dense: list[torch.Tensor] | None,
+                fisher: torch.Tensor | None) -> LayerPlan:
+    """Choose channels (by ``cut.selection``), re-fit down_proj, cut; returns the layer's
+    plan."""
     gram, drift = _statistics(layer, batches, dense)
     trim_heap()  # that pass's activations leave heap holes the re-fit's large blocks cannot use
     down = layer.mlp.down_proj.weight
-    kept = top_k(channel_energy(gram, down), cut.channels)
+    kept = top_k(select_scores(cut.selection, channel_energy(gram, down), fisher), cut.channels)
     new_down = refit_down(gram, down, kept, cut.ridge, drift, cut.feedback, overwrite_gram=True)
     del gram, drift
     heads_now = len(plan.kept_kv_heads)
@@ -127,7 +131,8 @@ def _refit_mlp_(layer: nn.Module, shape: LayerLayout, plan: LayerPlan, cut: Laye
 
 @torch.no_grad()
 def prune_layer_(layer: nn.Module, shape: LayerLayout, cut: LayerCut, batches: HiddenBatches,
-                 dense: list[torch.Tensor] | None = None) -> LayerPlan:
+                 dense: list[torch.Tensor] | None = None, fisher: torch.Tensor | None = None
+                 ) -> LayerPlan:
     """Cut ``layer`` in place and advance ``batches`` (and ``dense``) through it.
 
     Args:
@@ -136,11 +141,13 @@ def prune_layer_(layer: nn.Module, shape: LayerLayout, cut: LayerCut, batches: H
             layer's outputs.
         dense: with ``cut.feedback`` > 0, the dense stream entering this layer (attention cut
             as planned, every MLP whole); replaced by this layer's outputs before the MLP cut.
+        fisher: the layer's (I,) Fisher channel scores when ``cut.selection`` asks for them
+            (:func:`gqaprune_core.layerwise.fisher.streamed_fisher`).
 
     Returns:
         The layer's plan (indices refer to the layer before the cut).
     """
-    plan = _by_scores(layer, shape, cut)
+    plan = by_scores(layer, shape, cut)
     if not plan.is_identity:
         cut_layer_(layer, plan)
     dense_out = None
@@ -148,7 +155,7 @@ def prune_layer_(layer: nn.Module, shape: LayerLayout, cut: LayerCut, batches: H
         dense_out = [batches.run(layer, b, hidden).to(hidden.device)
                      for b, hidden in enumerate(dense)]
     if cut.compensate and cut.channels < shape.mlp_width:
-        plan = _refit_mlp_(layer, shape, plan, cut, batches, dense_out)
+        plan = _refit_mlp_(layer, shape, plan, cut, batches, dense_out, fisher)
     if dense_out is not None:
         dense[:] = dense_out
     batches.advance(layer)
