@@ -83,12 +83,13 @@ def test_layerwise_equals_in_memory(make_tiny, tmp_path, setting):
     _assert_same_run(in_memory, layerwise, tmp_path / "out")
 
 
+@pytest.mark.parametrize("setting", ["groups_and_refit", "fisher_groups"])
 @pytest.mark.parametrize("variant,overrides", [("qwen2_bias", {}), ("mistral", {}),
                                                ("llama", {"tie_embeddings": True})])
 def test_layerwise_equals_in_memory_on_other_architectures(make_tiny, tmp_path, variant,
-                                                           overrides):
+                                                           overrides, setting):
     model, tokenizer, path = _saved(make_tiny, tmp_path, variant, **overrides)
-    config = SETTINGS["groups_and_refit"].with_(base_model=str(path))
+    config = SETTINGS[setting].with_(base_model=str(path))
     in_memory = run_pipeline(config, model, tokenizer)
     layerwise = run_layerwise(config, tmp_path / "out", batch_size=3)
     _assert_same_run(in_memory, layerwise, tmp_path / "out")
