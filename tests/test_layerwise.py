@@ -243,8 +243,9 @@ def test_layerwise_choice():
 
 @pytest.mark.demo
 def test_demo_model_layerwise_equals_in_memory(demo, tmp_path):
+    """The default preset as shipped (energy + Fisher channels, feedback) on the demo model."""
     model, tokenizer = demo
-    config = ENERGY.with_(
+    config = PRESETS["default"].with_(
         importance_samples=2, importance_seq_len=64, num_examples=4, seq_len=64,
         calibration_dataset="demo", eval_datasets=("demo",), eval_seq_len=128,
         max_eval_windows=1, device="cpu")
