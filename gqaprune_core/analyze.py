@@ -24,6 +24,7 @@ from pathlib import Path
 
 from torch import nn
 
+from gqaprune_core.export.shards import format_size
 from gqaprune_core.models import LayerLayout, count_parameters, layout
 
 COMPONENTS = ("embeddings", "attention", "mlp", "norms", "lm_head", "other", "total")
@@ -109,14 +110,7 @@ def disk_size(source: str | os.PathLike) -> int | None:
 
 
 def _human(size: int | None) -> str:
-    if size is None:
-        return "-"
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.1f} {unit}" if unit != "B" else f"{size} B"
-        value /= 1024
-    raise AssertionError("unreachable")
+    return "-" if size is None else format_size(size)
 
 
 def format_report(report: dict) -> str:

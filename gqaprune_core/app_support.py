@@ -32,6 +32,7 @@ from torch import nn
 
 from gqaprune_core.app_rates import BudgetSplit, plan_split
 from gqaprune_core.config import PruneConfig
+from gqaprune_core.export.shards import format_size as human_bytes  # noqa: F401 (pages)
 from gqaprune_core.geometry import kv_head_of
 from gqaprune_core.layer_importance import LayerImportance
 from gqaprune_core.models import count_parameters, layout
@@ -105,15 +106,6 @@ def human_count(count: int) -> str:
         if abs(count) >= scale:
             return f"{count / scale:.1f} {unit}"
     return str(count)
-
-
-def human_bytes(size: int) -> str:
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
 
 
 def greedy_generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 24) -> str:

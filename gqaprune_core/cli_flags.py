@@ -178,8 +178,9 @@ def _add_importance_flags(parser: argparse.ArgumentParser, d: PruneConfig) -> No
         "with --compensate, how MLP channels are chosen: 'energy' (output energy), 'fisher' "
         "(loss-weighted cost from one backward pass) or 'energy+fisher' (both; the 'default' "
         "preset's; layer-wise runs take the backward pass one layer at a time, keeping every "
-        "layer's input in host memory, and fall back to 'energy' when that would take more "
-        f"than half of the free memory) (default: {d.channel_selection})"))
+        "layer's input in host memory, or on disk beside the output when that would take more "
+        "than half of the free memory, and fall back to 'energy' when it fits neither) "
+        f"(default: {d.channel_selection})"))
 
 
 def _add_data_flags(parser: argparse.ArgumentParser, d: PruneConfig) -> None:

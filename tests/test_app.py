@@ -132,10 +132,10 @@ def test_a_hugging_face_directory_replaces_the_model_everywhere(app, tmp_path):
     assert len(rate_bars(app)) == 4
 
 
-def test_a_layerwise_run_says_when_its_channels_fell_back_to_energy(app, tmp_path, monkeypatch):
-    """With 1 KiB free nothing fits: the run streams, and even the Fisher scores' store of
-    hidden states (a few KiB here) is too large, so channels are chosen by energy, and the page
-    says so."""
+def test_a_layerwise_run_says_where_its_fisher_pass_kept_its_hidden_states(app, tmp_path,
+                                                                           monkeypatch):
+    """With 1 KiB of free memory nothing fits: the run streams, and the Fisher scores' store
+    of hidden states (a few KiB here) goes to disk, and the page says so."""
     from gqaprune_core.layerwise import pipeline as layerwise_pipeline
     from gqaprune_core.tiny import char_tokenizer, tiny_model
 
@@ -151,8 +151,11 @@ def test_a_layerwise_run_says_when_its_channels_fell_back_to_energy(app, tmp_pat
     click(app, "Prune a copy of the model")
     run = app.session_state["runs"][0]
     assert run.model is None and run.config.channel_selection == "energy+fisher"
-    assert ("Pruned layer by layer from disk: MLP channels were chosen by energy "
-            "(channel_selection 'energy+fisher' would keep") in texts(app)
+    shown = texts(app)
+    assert "Pruned layer by layer from disk: MLP channels were chosen by energy+fisher (the " in shown
+    assert ("KiB of hidden states for its backward pass, more than half of the 1.0 KiB of free "
+            f"host memory, kept on disk under {run.checkpoint.parent}") in shown
+    assert not list(run.checkpoint.parent.glob(".gqaprune-fisher-*"))  # removed after
 
 
 def test_gqa_page_contrasts_naive_and_group_pruning(app):

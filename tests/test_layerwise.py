@@ -153,9 +153,12 @@ def test_streamed_fisher_scores_equal_the_whole_model_backward(make_tiny, tmp_pa
         assert expected[index].abs().sum() > 0
 
 
-def test_fisher_falls_back_to_energy_when_its_store_would_not_fit(make_tiny, tmp_path):
-    """The backward pass keeps every layer's input in host memory: with too little free, the
-    run chooses channels by energy and says why with the numbers."""
+def test_fisher_store_goes_to_disk_or_falls_back_to_energy_when_memory_is_short(make_tiny,
+                                                                                tmp_path):
+    """The backward pass keeps every layer's input: in host memory when it takes at most half
+    of what is free, else on disk when there is room, else channels are chosen by energy; the
+    note says which, with the numbers."""
+    from gqaprune_core.export.shards import format_size
     from gqaprune_core.layerwise.fisher import store_bytes
     from gqaprune_core.layerwise.pipeline import streamable_selection
 
@@ -165,15 +168,34 @@ def test_fisher_falls_back_to_energy_when_its_store_would_not_fit(make_tiny, tmp
     needed = store_bytes(source.num_layers, config.num_examples, config.seq_len,
                          source.config.hidden_size, torch.float32)
     assert needed == source.num_layers * 6 * 24 * source.config.hidden_size * 4
-    assert streamable_selection(config, source, torch.float32, free_host=2 * needed) == (
-        config, None)
-    fallback, note = streamable_selection(config, source, torch.float32, free_host=needed)
-    assert fallback.channel_selection == "energy" and "--num_examples" in note
-    assert f"{needed / 2**30:.1f} GiB" in note
+    spill = tmp_path / "runs" / "new"  # need not exist yet
+    assert streamable_selection(config, source, torch.float32, spill, free_host=2 * needed,
+                                free_disk=0) == (config, None, None)
+    same, note, folder = streamable_selection(config, source, torch.float32, spill,
+                                              free_host=needed, free_disk=2 * needed)
+    assert same == config and folder == spill and "kept on disk under" in note
+    fallback, note, folder = streamable_selection(config, source, torch.float32, spill,
+                                                  free_host=needed, free_disk=needed)
+    assert fallback.channel_selection == "energy" and folder is None
+    assert "--num_examples" in note and format_size(needed) in note
+    assert f"and {format_size(needed)} free on the disk" in note
     unchanged = SETTINGS["default"].with_(base_model=str(path))
-    assert streamable_selection(unchanged, source, torch.float32, free_host=0) == (
-        unchanged, None)
+    assert streamable_selection(unchanged, source, torch.float32, spill, free_host=0,
+                                free_disk=0) == (unchanged, None, None)
     source.close()
+
+
+def test_fisher_pass_through_disk_gives_the_in_memory_model(make_tiny, tmp_path, monkeypatch):
+    from gqaprune_core.layerwise import pipeline as layerwise_pipeline
+
+    model, tokenizer, path = _saved(make_tiny, tmp_path)
+    config = SETTINGS["fisher_groups"].with_(base_model=str(path))
+    in_memory = run_pipeline(config, model, tokenizer)
+    monkeypatch.setattr(layerwise_pipeline, "free_memory", lambda device: 2**10)
+    layerwise = run_layerwise(config, tmp_path / "runs" / "out", batch_size=4)
+    assert "kept on disk under" in layerwise.report["layerwise"]["channel_selection"]
+    _assert_same_run(in_memory, layerwise, tmp_path / "runs" / "out")
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["out"]  # spill removed
 
 
 def test_output_is_sharded_and_streamed_back(make_tiny, tmp_path):

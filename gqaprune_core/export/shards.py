@@ -60,6 +60,16 @@ def parse_size(size: str | int) -> int:
     return value
 
 
+def format_size(size: int) -> str:
+    """``812 B``, ``45.2 KiB``, ``3.7 GiB`` (binary units, one decimal above bytes)."""
+    value = float(size)
+    for unit in ("B", "KiB", "MiB"):
+        if abs(value) < 1024:
+            return f"{size} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"
+
+
 def shard_name(number: int, count: int) -> str:
     return f"model-{number:05d}-of-{count:05d}.safetensors"
 

@@ -23,6 +23,7 @@ What streams: layer scores ``block_influence``, ``activation`` and ``removal``, 
 channel scores ``magnitude`` and ``random``, and MLP channels by output energy and Fisher
 scores (the ``default`` preset's) with the least-squares re-fit. Taylor scores need gradients
 for every weight through the whole model and are refused (:func:`.pipeline.check_streamable`);
-Fisher scores fall back to energy alone, with a note, when the backward pass's store of hidden
-states would not fit in host memory (:func:`.pipeline.streamable_selection`).
+the backward pass's store of hidden states for Fisher scores goes to disk when it would not
+fit in host memory, and channels fall back to energy alone, with a note, when it fits neither
+(:func:`.pipeline.streamable_selection`).
 """

@@ -9,16 +9,18 @@ output is added to the residual stream, so ``g_t`` is the gradient with respect 
 output, and that is all a layer needs from the layers after it. Layer by layer:
 
 1. forward: load each layer in turn (attention cut as planned, MLP whole, as the in-memory
-   pipeline scores it) and keep its input hidden states (the ``store``: L x N x T x E in the
-   model's dtype, on CPU);
+   pipeline scores it) and keep its input hidden states (the store: L x N x T x E in the
+   model's dtype, in host memory, or with ``spill`` in one safetensors file per layer on disk,
+   read back one layer at a time);
 2. the loss: the final norm and LM head on the last layer's output give ``g`` for layer L - 1;
 3. backward, last layer first: load the layer, run it again on its kept input with gradients,
    take the scores from ``h`` and ``g``, and hand the gradient with respect to its input to the
    layer before. Weights never need gradients.
 
 Two more passes over the weights (forward, then backward: about three forwards' compute) and
-the store in host memory: 2.3 GB for the demo model's 30 layers at the ``default`` preset's 128
-x 256 windows in float32, 8.6 GB for the Llama-3-8B shape in bfloat16, 43 GB for 70B.
+the store (host memory, or disk): 2.3 GB for the demo model's 30 layers at the ``default``
+preset's 128 x 256 windows in float32, 8.6 GB for the Llama-3-8B shape in bfloat16, 43 GB for
+70B.
 :func:`store_bytes` tells it before anything runs. Same scores as the in-memory pass up to
 float rounding (tested).
 """
@@ -26,8 +28,10 @@ float rounding (tested).
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
 
@@ -44,6 +48,30 @@ def store_bytes(num_layers: int, windows: int, seq_len: int, hidden: int,
                 dtype: torch.dtype) -> int:
     """Host bytes of the input hidden states every layer keeps for the backward pass."""
     return num_layers * windows * seq_len * hidden * torch.finfo(dtype).bits // 8
+
+
+class _Store:
+    """Each layer's input hidden states (one tensor per batch): in host memory, or with
+    ``spill`` in ``spill/layer-<i>.safetensors``, each file read back and removed when its
+    layer's turn comes in the backward pass."""
+
+    def __init__(self, spill: Path | None) -> None:
+        self.spill, self.kept = spill, {}
+
+    def put(self, index: int, hidden: list[torch.Tensor]) -> None:
+        if self.spill is None:
+            self.kept[index] = hidden
+            return
+        save_file({f"batch{b}": t.contiguous() for b, t in enumerate(hidden)},
+                  self.spill / f"layer-{index}.safetensors")
+
+    def take(self, index: int) -> list[torch.Tensor]:
+        if self.spill is None:
+            return self.kept.pop(index)
+        path = self.spill / f"layer-{index}.safetensors"
+        tensors = load_file(path)
+        path.unlink()
+        return [tensors[f"batch{b}"] for b in range(len(tensors))]
 
 
 def _attention_cut(layer: nn.Module, shape: LayerLayout, cut: LayerCut) -> nn.Module:
@@ -93,16 +121,17 @@ def _layer_scores(layer: nn.Module, batches: HiddenBatches, inputs: list[torch.T
 
 def streamed_fisher(model: nn.Module, source: ModelSource, shapes: list[LayerLayout],
                     cuts: list[LayerCut], calibration: torch.Tensor, device: torch.device,
-                    dtype: torch.dtype, batch_size: int, on_step: OnStep | None = None
-                    ) -> dict[int, torch.Tensor]:
+                    dtype: torch.dtype, batch_size: int, on_step: OnStep | None = None,
+                    spill: Path | None = None) -> dict[int, torch.Tensor]:
     """Per layer, the (I,) Fisher channel scores of the model with its attention cut as
-    ``cuts`` say and every MLP whole (module docstring); ``calibration`` (N, T) token ids.
+    ``cuts`` say and every MLP whole (module docstring); ``calibration`` (N, T) token ids;
+    ``spill``: an empty folder to keep the layers' inputs in instead of host memory.
     Progress: stage ``fisher`` (forward), then ``fisher_backward`` (layers in reverse)."""
     batches = embed(model, calibration, batch_size, device)
-    inputs: list[list[torch.Tensor]] = []
+    inputs = _Store(spill)
     with torch.no_grad():
         for index, layer in layers_in_turn(model, source, device, dtype, "fisher", on_step):
-            inputs.append(list(batches.hidden))  # advance() puts new tensors in the list
+            inputs.put(index, list(batches.hidden))  # advance() puts new tensors in the list
             batches.advance(_attention_cut(layer, shapes[index], cuts[index]))
     scores: dict[int, torch.Tensor] = {}
     last = source.num_layers - 1
@@ -115,6 +144,6 @@ def streamed_fisher(model: nn.Module, source: ModelSource, shapes: list[LayerLay
             layer = _attention_cut(layer, shapes[index], cuts[index])
             for parameter in layer.parameters():
                 parameter.requires_grad_(False)
-            scores[index], grads = _layer_scores(layer, batches, inputs.pop(), grads)
+            scores[index], grads = _layer_scores(layer, batches, inputs.take(index), grads)
             del layer
     return dict(sorted(scores.items()))

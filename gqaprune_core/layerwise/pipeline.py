@@ -14,6 +14,8 @@ same weights as :func:`gqaprune_core.pipeline.run_pipeline` for the settings tha
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import closing
@@ -24,7 +26,7 @@ from torch import nn
 
 from gqaprune_core.config import PruneConfig
 from gqaprune_core.data import calibration_batch
-from gqaprune_core.export.shards import DEFAULT_MAX_SHARD_BYTES
+from gqaprune_core.export.shards import DEFAULT_MAX_SHARD_BYTES, format_size
 from gqaprune_core.layer_importance import LayerImportance
 from gqaprune_core.layerwise.evaluate import streamed_corpora
 from gqaprune_core.layerwise.fisher import STORE_SHARE, store_bytes, streamed_fisher
@@ -41,6 +43,7 @@ from gqaprune_core.schedule import UnitAllocation
 
 MEMORY_MARGIN = 1.3  # in memory: weights x this + MEMORY_RESERVE must fit the free memory
 MEMORY_RESERVE = 2 * 2**30  # activations, the LM head's logits, the allocator's slack
+DISK_MARGIN = 1.1  # the Fisher pass spills its hidden states only where this much of them fits
 
 
 def check_streamable(config: PruneConfig) -> None:
@@ -68,25 +71,44 @@ def check_streamable(config: PruneConfig) -> None:
 
 
 def streamable_selection(config: PruneConfig, source: ModelSource, dtype: torch.dtype,
-                         free_host: int | None = None) -> tuple[PruneConfig, str | None]:
-    """``config`` as it streams, and a note when it had to change (None if unchanged).
+                         spill_dir: Path | None = None, free_host: int | None = None,
+                         free_disk: int | None = None
+                         ) -> tuple[PruneConfig, str | None, Path | None]:
+    """``config`` as it streams, a note when the channel choice is not the plain one (None
+    otherwise), and the folder to keep the Fisher pass's hidden states in (None: host memory).
 
     Fisher channel scores (``fisher``, or the ``default`` preset's ``energy+fisher``) stream
-    with a backward pass layer by layer that keeps every layer's input hidden states in host
-    memory (:func:`gqaprune_core.layerwise.fisher.store_bytes`). When that store would take more
-    than half of the free host memory (``free_host``; default: what the OS reports), channels
-    are chosen by output energy alone instead, and the note says so with the numbers."""
+    with a backward pass layer by layer that keeps every layer's input hidden states
+    (:func:`gqaprune_core.layerwise.fisher.store_bytes`): in host memory when they take at most
+    half of the free host memory (``free_host``; default: what the OS reports), else on disk
+    under ``spill_dir`` when its disk has room (``free_disk``; default: what the OS reports),
+    else channels are chosen by output energy alone. The note says which, with the numbers."""
     if not (config.compensate and config.prune_mlp) or config.channel_selection == "energy":
-        return config, None
+        return config, None, None
     needed = store_bytes(source.num_layers, config.num_examples, config.seq_len,
                          source.config.hidden_size, dtype)
     free = free_memory(torch.device("cpu")) if free_host is None else free_host
     if needed <= STORE_SHARE * free:
-        return config, None
+        return config, None, None
+    held = (f"{format_size(needed)} of hidden states for its backward pass, more than half of "
+            f"the {format_size(free)} of free host memory")
+    if spill_dir is not None:
+        disk = shutil.disk_usage(_existing(spill_dir)).free if free_disk is None else free_disk
+        if needed * DISK_MARGIN <= disk:
+            return config, (f"{config.channel_selection} (the {held}, kept on disk under "
+                            f"{spill_dir} while the scores are computed)"), spill_dir
+        held += f" (and {format_size(disk)} free on the disk of {spill_dir})"
     return config.with_(channel_selection="energy"), (
-        f"energy (channel_selection {config.channel_selection!r} would keep {needed / 2**30:.1f} "
-        f"GiB of hidden states in host memory for its backward pass, more than half of the "
-        f"{free / 2**30:.1f} GiB free; fewer --num_examples or a shorter --seq_len make it fit)")
+        f"energy (channel_selection {config.channel_selection!r} would keep {held}; fewer "
+        "--num_examples or a shorter --seq_len make it fit)"), None
+
+
+def _existing(path: Path) -> Path:
+    """``path`` or its nearest ancestor that exists (where a folder under it would go)."""
+    path = Path(path).resolve()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
 
 
 def free_memory(device: torch.device) -> int:
@@ -145,25 +167,33 @@ def _cut_settings(config: PruneConfig, allocation: UnitAllocation, index: int) -
 
 def _fisher_scores(config: PruneConfig, model: nn.Module, source: ModelSource,
                    allocation: UnitAllocation, calibration: torch.Tensor, device: torch.device,
-                   dtype: torch.dtype, batch_size: int, step: OnStep) -> dict:
+                   dtype: torch.dtype, batch_size: int, step: OnStep, spill: Path | None
+                   ) -> dict:
     """Per layer, Fisher channel scores when ``config`` chooses channels by them and some
-    layer's MLP is cut with re-fit (two more passes over the layers); else empty."""
+    layer's MLP is cut with re-fit (two more passes over the layers); else empty. With
+    ``spill``, the pass keeps its hidden states in a temporary folder under it (removed
+    after)."""
     shapes = layout(model)
     cuts = [_cut_settings(config, allocation, i) for i in range(len(shapes))]
     if (config.channel_selection == "energy" or not config.compensate
             or all(c.channels >= s.mlp_width for c, s in zip(cuts, shapes))):
         return {}
-    return streamed_fisher(model, source, shapes, cuts, calibration, device, dtype, batch_size,
-                           step)
+    if spill is None:
+        return streamed_fisher(model, source, shapes, cuts, calibration, device, dtype,
+                               batch_size, step)
+    spill.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".gqaprune-fisher-", dir=spill) as folder:
+        return streamed_fisher(model, source, shapes, cuts, calibration, device, dtype,
+                               batch_size, step, spill=Path(folder))
 
 
 def _pruned_tensors(model: nn.Module, source: ModelSource, config: PruneConfig,
                     allocation: UnitAllocation, calibration: torch.Tensor, plans: list,
                     device: torch.device, dtype: torch.dtype, batch_size: int,
-                    step: OnStep) -> Iterator[tuple[str, torch.Tensor]]:
+                    step: OnStep, spill: Path | None) -> Iterator[tuple[str, torch.Tensor]]:
     """Embedding, each cut layer's tensors as it is done, final norm, untied head."""
     fisher = _fisher_scores(config, model, source, allocation, calibration, device, dtype,
-                            batch_size, step)
+                            batch_size, step, spill)
     shapes = layout(model)
     batches = embed(model, calibration, batch_size, device)
     dense = list(batches.hidden) if config.refit_feedback else None
@@ -240,7 +270,8 @@ def run_layerwise(config: PruneConfig, output: str | os.PathLike, *,
     dtype = pick_dtype(device, config.dtype)
     start = time.perf_counter()
     with closing(open_source(config.base_model)) as source:
-        config, substituted = streamable_selection(config, source, dtype)
+        config, substituted, spill = streamable_selection(config, source, dtype,
+                                                          Path(output).resolve().parent)
         tokenizer = load_tokenizer(source)
         model = open_model(source, device, dtype)
         timings["load"] = round(time.perf_counter() - start, 3)
@@ -258,7 +289,7 @@ def run_layerwise(config: PruneConfig, output: str | os.PathLike, *,
                                 "evaluate_before", step, timings) if evaluate else [])
         start = time.perf_counter()
         plan = _write_pruned(config, model, source, tokenizer, allocation, output, device,
-                             dtype, batch_size, step, overwrite, max_shard_bytes)
+                             dtype, batch_size, step, overwrite, max_shard_bytes, spill)
         timings["prune"] = round(time.perf_counter() - start, 3)
     del model  # the source's embedding and head
     pruned = open_source(output)
@@ -279,9 +310,10 @@ def run_layerwise(config: PruneConfig, output: str | os.PathLike, *,
 
 def _write_pruned(config: PruneConfig, model: nn.Module, source: ModelSource, tokenizer,
                   allocation: UnitAllocation, output, device: torch.device, dtype: torch.dtype,
-                  batch_size: int, step: OnStep, overwrite: bool, max_shard_bytes: int
-                  ) -> PruningPlan:
-    """Pass 2: cut every layer and stream it into the checkpoint ``output``; returns the plan."""
+                  batch_size: int, step: OnStep, overwrite: bool, max_shard_bytes: int,
+                  spill: Path | None = None) -> PruningPlan:
+    """Pass 2: cut every layer and stream it into the checkpoint ``output``; returns the plan.
+    ``spill``: where the Fisher pass keeps its hidden states (None: host memory)."""
     calibration = calibration_batch(tokenizer, config.calibration_dataset, config.num_examples,
                                     config.seq_len, config.seed)
     plans: list = []
@@ -291,7 +323,7 @@ def _write_pruned(config: PruneConfig, model: nn.Module, source: ModelSource, to
         return PruningPlan(tuple(plans), config.unit_importance, notes)
 
     tensors = _pruned_tensors(model, source, config, allocation, calibration, plans, device,
-                              dtype, batch_size, step)
+                              dtype, batch_size, step, spill)
     write_checkpoint(output, tensors, source.config, finish, tokenizer,
                      _generation_config(source.path), architecture=type(model).__name__,
                      overwrite=overwrite, max_shard_bytes=max_shard_bytes)
