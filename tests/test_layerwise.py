@@ -159,8 +159,7 @@ def test_fisher_store_goes_to_disk_or_falls_back_to_energy_when_memory_is_short(
     of what is free, else on disk when there is room, else channels are chosen by energy; the
     note says which, with the numbers."""
     from gqaprune_core.export.shards import format_size
-    from gqaprune_core.layerwise.fisher import store_bytes
-    from gqaprune_core.layerwise.pipeline import streamable_selection
+    from gqaprune_core.layerwise.fisher import store_bytes, streamable_selection
 
     _, _, path = _saved(make_tiny, tmp_path)
     config = SETTINGS["fisher"].with_(base_model=str(path))

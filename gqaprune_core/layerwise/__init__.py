@@ -25,5 +25,5 @@ scores (the ``default`` preset's) with the least-squares re-fit. Taylor scores n
 for every weight through the whole model and are refused (:func:`.pipeline.check_streamable`);
 the backward pass's store of hidden states for Fisher scores goes to disk when it would not
 fit in host memory, and channels fall back to energy alone, with a note, when it fits neither
-(:func:`.pipeline.streamable_selection`).
+(:func:`.fisher.streamable_selection`).
 """

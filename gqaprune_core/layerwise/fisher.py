@@ -28,6 +28,7 @@ float rounding (tested).
 from __future__ import annotations
 
 import copy
+import shutil
 from pathlib import Path
 
 import torch
@@ -35,6 +36,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
 
+from gqaprune_core.config import PruneConfig
+from gqaprune_core.export.shards import format_size
 from gqaprune_core.layerwise.prune import LayerCut, by_scores
 from gqaprune_core.layerwise.source import ModelSource
 from gqaprune_core.layerwise.stream import HiddenBatches, OnStep, embed, layers_in_turn
@@ -42,12 +45,52 @@ from gqaprune_core.models import LayerLayout
 from gqaprune_core.surgery import cut_layer_
 
 STORE_SHARE = 0.5  # the store may take at most this share of the free host memory
+DISK_MARGIN = 1.1  # it goes to disk only where this much of it fits
 
 
 def store_bytes(num_layers: int, windows: int, seq_len: int, hidden: int,
                 dtype: torch.dtype) -> int:
     """Host bytes of the input hidden states every layer keeps for the backward pass."""
     return num_layers * windows * seq_len * hidden * torch.finfo(dtype).bits // 8
+
+
+def streamable_selection(config: PruneConfig, source: ModelSource, dtype: torch.dtype,
+                         spill_dir: Path | None, free_host: int, free_disk: int | None = None
+                         ) -> tuple[PruneConfig, str | None, Path | None]:
+    """``config`` as it streams, a note when the channel choice is not the plain one (None
+    otherwise), and the folder to keep the Fisher pass's hidden states in (None: host memory).
+
+    Fisher channel scores (``fisher``, or the ``default`` preset's ``energy+fisher``) stream
+    with a backward pass layer by layer that keeps every layer's input hidden states
+    (:func:`store_bytes`): in host memory when they take at most half of the free host memory
+    (``free_host`` bytes), else on disk under ``spill_dir`` when its disk has room
+    (``free_disk``; default: what the OS reports), else channels are chosen by output energy
+    alone. The note says which, with the numbers."""
+    if not (config.compensate and config.prune_mlp) or config.channel_selection == "energy":
+        return config, None, None
+    needed = store_bytes(source.num_layers, config.num_examples, config.seq_len,
+                         source.config.hidden_size, dtype)
+    if needed <= STORE_SHARE * free_host:
+        return config, None, None
+    held = (f"{format_size(needed)} of hidden states for its backward pass, more than half of "
+            f"the {format_size(free_host)} of free host memory")
+    if spill_dir is not None:
+        disk = shutil.disk_usage(_existing(spill_dir)).free if free_disk is None else free_disk
+        if needed * DISK_MARGIN <= disk:
+            return config, (f"{config.channel_selection} (the {held}, kept on disk under "
+                            f"{spill_dir} while the scores are computed)"), spill_dir
+        held += f" (and {format_size(disk)} free on the disk of {spill_dir})"
+    return config.with_(channel_selection="energy"), (
+        f"energy (channel_selection {config.channel_selection!r} would keep {held}; fewer "
+        "--num_examples or a shorter --seq_len make it fit)"), None
+
+
+def _existing(path: Path) -> Path:
+    """``path`` or its nearest ancestor that exists (where a folder under it would go)."""
+    path = Path(path).resolve()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
 
 
 class _Store:

@@ -14,7 +14,6 @@ same weights as :func:`gqaprune_core.pipeline.run_pipeline` for the settings tha
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -26,10 +25,10 @@ from torch import nn
 
 from gqaprune_core.config import PruneConfig
 from gqaprune_core.data import calibration_batch
-from gqaprune_core.export.shards import DEFAULT_MAX_SHARD_BYTES, format_size
+from gqaprune_core.export.shards import DEFAULT_MAX_SHARD_BYTES
 from gqaprune_core.layer_importance import LayerImportance
 from gqaprune_core.layerwise.evaluate import streamed_corpora
-from gqaprune_core.layerwise.fisher import STORE_SHARE, store_bytes, streamed_fisher
+from gqaprune_core.layerwise.fisher import streamable_selection, streamed_fisher
 from gqaprune_core.layerwise.importance import streamed_importance
 from gqaprune_core.layerwise.output import write_checkpoint
 from gqaprune_core.layerwise.prune import LAYER_LOCAL_UNIT_METHODS, LayerCut, prune_layer_
@@ -43,7 +42,6 @@ from gqaprune_core.schedule import UnitAllocation
 
 MEMORY_MARGIN = 1.3  # in memory: weights x this + MEMORY_RESERVE must fit the free memory
 MEMORY_RESERVE = 2 * 2**30  # activations, the LM head's logits, the allocator's slack
-DISK_MARGIN = 1.1  # the Fisher pass spills its hidden states only where this much of them fits
 
 
 def check_streamable(config: PruneConfig) -> None:
@@ -68,47 +66,6 @@ def check_streamable(config: PruneConfig) -> None:
         raise ValueError(f"max_ppl_increase={config.max_ppl_increase} (the quality gate) prunes "
                          "and measures whole copies of the model in memory and cannot run "
                          "layer-wise; leave out --max_ppl_increase, or use --layerwise off")
-
-
-def streamable_selection(config: PruneConfig, source: ModelSource, dtype: torch.dtype,
-                         spill_dir: Path | None = None, free_host: int | None = None,
-                         free_disk: int | None = None
-                         ) -> tuple[PruneConfig, str | None, Path | None]:
-    """``config`` as it streams, a note when the channel choice is not the plain one (None
-    otherwise), and the folder to keep the Fisher pass's hidden states in (None: host memory).
-
-    Fisher channel scores (``fisher``, or the ``default`` preset's ``energy+fisher``) stream
-    with a backward pass layer by layer that keeps every layer's input hidden states
-    (:func:`gqaprune_core.layerwise.fisher.store_bytes`): in host memory when they take at most
-    half of the free host memory (``free_host``; default: what the OS reports), else on disk
-    under ``spill_dir`` when its disk has room (``free_disk``; default: what the OS reports),
-    else channels are chosen by output energy alone. The note says which, with the numbers."""
-    if not (config.compensate and config.prune_mlp) or config.channel_selection == "energy":
-        return config, None, None
-    needed = store_bytes(source.num_layers, config.num_examples, config.seq_len,
-                         source.config.hidden_size, dtype)
-    free = free_memory(torch.device("cpu")) if free_host is None else free_host
-    if needed <= STORE_SHARE * free:
-        return config, None, None
-    held = (f"{format_size(needed)} of hidden states for its backward pass, more than half of "
-            f"the {format_size(free)} of free host memory")
-    if spill_dir is not None:
-        disk = shutil.disk_usage(_existing(spill_dir)).free if free_disk is None else free_disk
-        if needed * DISK_MARGIN <= disk:
-            return config, (f"{config.channel_selection} (the {held}, kept on disk under "
-                            f"{spill_dir} while the scores are computed)"), spill_dir
-        held += f" (and {format_size(disk)} free on the disk of {spill_dir})"
-    return config.with_(channel_selection="energy"), (
-        f"energy (channel_selection {config.channel_selection!r} would keep {held}; fewer "
-        "--num_examples or a shorter --seq_len make it fit)"), None
-
-
-def _existing(path: Path) -> Path:
-    """``path`` or its nearest ancestor that exists (where a folder under it would go)."""
-    path = Path(path).resolve()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
 
 
 def free_memory(device: torch.device) -> int:
@@ -270,8 +227,8 @@ def run_layerwise(config: PruneConfig, output: str | os.PathLike, *,
     dtype = pick_dtype(device, config.dtype)
     start = time.perf_counter()
     with closing(open_source(config.base_model)) as source:
-        config, substituted, spill = streamable_selection(config, source, dtype,
-                                                          Path(output).resolve().parent)
+        config, substituted, spill = streamable_selection(
+            config, source, dtype, Path(output).resolve().parent, free_memory(torch.device("cpu")))
         tokenizer = load_tokenizer(source)
         model = open_model(source, device, dtype)
         timings["load"] = round(time.perf_counter() - start, 3)
