@@ -233,6 +233,15 @@ def layer_saliency(model: nn.Module, method: UnitMethod, batches: torch.Tensor |
                      "taylor, magnitude, activation, random")
 
 
+def fisher_terms(h: torch.Tensor, grad: torch.Tensor, down_weight: torch.Tensor
+                 ) -> torch.Tensor:
+    """(I,) float64 ``Σ_t (h_tj · (g_t · w_j))²`` over one batch: ``h`` (B, T, I) the MLP's
+    intermediate activations, ``grad`` (B, T, E) the loss gradient at its output,
+    ``down_weight`` (E, I)."""
+    along = grad @ down_weight.detach()  # (B, T, I): g_t · w_j
+    return (h.detach() * along).double().pow(2).sum(dim=(0, 1))
+
+
 def fisher_channel_scores(model: nn.Module, batches: torch.Tensor, chunk_size: int = 8,
                           progress: Callable[[int, int], None] | None = None
                           ) -> dict[int, torch.Tensor]:
@@ -258,8 +267,7 @@ def fisher_channel_scores(model: nn.Module, batches: torch.Tensor, chunk_size: i
 
     def add_score(index: int):
         def hook(module: nn.Module, grad_input: tuple, grad_output: tuple) -> None:
-            along = grad_output[0].detach() @ module.weight.detach()  # (B, T, I): g_t · w_j
-            score = (inputs.pop(index) * along).double().pow(2).sum(dim=(0, 1))
+            score = fisher_terms(inputs.pop(index), grad_output[0].detach(), module.weight)
             totals[index] = totals[index] + score if index in totals else score
         return hook
 

@@ -43,6 +43,7 @@ from gqaprune_core.layerwise.source import ModelSource
 from gqaprune_core.layerwise.stream import HiddenBatches, OnStep, embed, layers_in_turn
 from gqaprune_core.models import LayerLayout
 from gqaprune_core.surgery import cut_layer_
+from gqaprune_core.unit_importance import fisher_terms
 
 STORE_SHARE = 0.5  # the store may take at most this share of the free host memory
 DISK_MARGIN = 1.1  # it goes to disk only where this much of it fits
@@ -153,8 +154,7 @@ def _layer_scores(layer: nn.Module, batches: HiddenBatches, inputs: list[torch.T
             x = hidden.to(batches.device).requires_grad_()
             out = batches.run(layer, index, x)
             grad = grad.to(out.device, out.dtype)
-            along = grad @ down.weight  # (B, T, I): g_t · w_j
-            score = (seen.pop("h").detach() * along).double().pow(2).sum(dim=(0, 1))
+            score = fisher_terms(seen.pop("h"), grad, down.weight)
             total = score if total is None else total + score
             upstream.append(torch.autograd.grad(out, x, grad)[0].to(hidden.device))
     finally:
