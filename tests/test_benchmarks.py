@@ -158,3 +158,50 @@ def test_results_written_with_tuples_still_match_their_settings(tmp_path):
     assert same_settings(previous, settings)
     assert not same_settings(previous, {**settings, "ratio": 0.3})
     assert not same_settings(None, settings)
+
+
+def test_leave_one_out_folds_leave_each_kind_out_once_and_judge_by_the_unseen_sets():
+    """Each fold fits on two of the three calibration kinds; the summary puts the left-out kind
+    and the licenses (never fitted) on the unseen side, the other two on the fitted side."""
+    import select_default
+
+    folds = select_default.folds("default", select_default.DPW)
+    assert [unseen for _, _, unseen in folds] == ["sel-demo", "sel-pydoc", "sel-wiki"]
+    for name, fit, unseen in folds:
+        assert unseen not in fit.split("+") and len(fit.split("+")) == 2
+        assert name.startswith("default@without-")
+    with pytest.raises(SystemExit, match="sel-demo\\+sel-wiki"):
+        select_default.folds("nw/uniform", select_default.NW)
+
+    ratios = {"sel-demo": 2.0, "sel-pydoc": 1.5, "sel-wiki": 3.0, "sel-licenses": 4.0}
+    results = {name: {"variant": "v", "unseen": unseen,
+                      "ratio": {c: r * (2 if c == unseen else 1) for c, r in ratios.items()}}
+               for name, _, unseen in folds}
+    results["plain"] = {"variant": "w", "unseen": None, "ratio": ratios}
+    summary = select_default.unseen_summary(results)
+    assert set(summary) == {"v"} and summary["v"]["folds"] == 3
+    unseen = [4.0, 4.0, 4.0, 4.0, 3.0, 6.0]  # licenses thrice; demo, pydoc, wiki doubled
+    fitted = [1.5, 3.0, 2.0, 3.0, 2.0, 1.5]
+    geo = lambda v: torch.tensor(v).log().mean().exp().item()  # noqa: E731
+    assert summary["v"]["unseen"] == pytest.approx(geo(unseen), abs=1e-4)
+    assert summary["v"]["fitted"] == pytest.approx(geo(fitted), abs=1e-4)
+
+
+def test_a_results_file_from_before_a_new_setting_is_resumed_with_the_setting_off():
+    """A config field added since a selection file was written is read as off (PruneConfig's
+    own value): the file's results stay; a base that differs in any written field does not."""
+    import select_default
+    from common import same_settings
+
+    from gqaprune_core.config import PruneConfig
+
+    base = PruneConfig().to_dict()
+    old_base = {k: v for k, v in base.items() if k != "self_text_share"}
+    previous = json.loads(json.dumps(  # as read back from the file
+        {"settings": {"ratio": 0.3, "base": old_base}, "results": {"a": {}}}))
+    assert not same_settings(previous, {"ratio": 0.3, "base": base})
+    assert same_settings(select_default.with_new_fields(previous), {"ratio": 0.3, "base": base})
+    turned_on = base | {"self_text_share": 1.0}
+    assert not same_settings(select_default.with_new_fields(previous),
+                             {"ratio": 0.3, "base": turned_on})
+    assert select_default.with_new_fields(None) is None
