@@ -251,6 +251,8 @@ def _run(args: argparse.Namespace, argv: Sequence[str], prep: Prepared,
             substituted = result.report["layerwise"].get("channel_selection")
             if substituted:
                 log.info("layer-wise: MLP channels chosen by %s", substituted)
+            if result.report["layerwise"].get("self_text"):
+                log.info("layer-wise: %s", result.report["layerwise"]["self_text"])
         else:
             result = run_pipeline(prep.config, prep.model, prep.tokenizer,
                                   importance=prep.importance, copy_model=False,

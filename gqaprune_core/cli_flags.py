@@ -23,7 +23,7 @@ CONFIG_FLAGS = (
     "min_pruning_rate", "max_pruning_rate", "layer_start", "layer_end", "importance_samples",
     "importance_seq_len", "num_examples", "seq_len", "prune_mlp", "prune_attention",
     "group_rounding", "channel_multiple", "mode", "unit_importance", "compensate", "refit_ridge",
-    "refit_feedback", "channel_selection",
+    "refit_feedback", "channel_selection", "self_text_share",
     "calibration_dataset", "eval_datasets", "eval_seq_len", "max_eval_windows", "seed", "device",
     "dtype", "recovery", "recovery_steps", "recovery_time_s", "recovery_lr", "recovery_batch_size",
     "recovery_seq_len", "recovery_samples", "layerwise", "device_map", "max_memory",
@@ -160,6 +160,11 @@ def _add_importance_flags(parser: argparse.ArgumentParser, d: PruneConfig) -> No
         f"calibration windows for scoring groups and channels (default: {d.num_examples})"))
     group.add_argument("--seq_len", type=int, help=(
         f"tokens per unit-scoring window (default: {d.seq_len})"))
+    group.add_argument("--self_text_share", type=float, help=(
+        "windows the dense model writes itself, added to the real calibration windows of the "
+        "prune stage, per real window (0..4; 0 = none; cached on disk; not in layer-wise runs) "
+        f"(default: {d.self_text_share}; {PRESETS['default'].self_text_share} in the 'default' "
+        "preset)"))
     group.add_argument("--mode", choices=MODES, help=(
         "'sequential' rescores each layer after cutting the previous ones, 'one-shot' scores "
         f"all layers once (default: {d.mode})"))

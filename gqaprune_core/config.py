@@ -66,6 +66,9 @@ class PruneConfig:
     mode: Mode = "sequential"
     unit_importance: UnitImportance = "taylor"
     calibration_dataset: str = "demo"
+    # windows the dense model writes itself (continuing 4 tokens of a real window), added to
+    # the num_examples real ones of the prune stage: this many per real window (0 = none)
+    self_text_share: float = 0.0
     # MLP channels chosen by their output energy on calibration data and down_proj re-fit by
     # ridge least squares toward the original weights (see gqaprune_core.compensate).
     compensate: bool = False
@@ -134,6 +137,9 @@ class PruneConfig:
             raise ValueError(f"channel_multiple={self.channel_multiple} must be >= 1")
         if not 0.0 <= self.refit_feedback <= 1.0:
             raise ValueError(f"refit_feedback={self.refit_feedback} must lie in [0, 1]")
+        if not 0.0 <= self.self_text_share <= 4.0:
+            raise ValueError(f"self_text_share={self.self_text_share} must lie in [0, 4] "
+                             "(written windows per real calibration window)")
         if self.refit_ridge <= 0:
             raise ValueError(f"refit_ridge={self.refit_ridge} must be > 0")
         if self.alpha < 0:

@@ -22,6 +22,7 @@ from torch import nn
 from gqaprune_core.compensate import prune_mlp_compensated_
 from gqaprune_core.config import PruneConfig
 from gqaprune_core.data import calibration_batch
+from gqaprune_core.self_text import self_written, written_count
 from gqaprune_core.evaluate import PerplexityResult, evaluate_corpora
 from gqaprune_core.layer_importance import LayerImportance, layer_importance, load_importance_config
 from gqaprune_core.models import count_parameters, layout, load_model
@@ -219,14 +220,15 @@ def run_pipeline(config: PruneConfig, model: nn.Module | None = None, tokenizer=
         check_plan(allocation)
     ppl_before = _evaluate(config, model, tokenizer, evaluate, timings, "evaluate_before",
                            report_progress)
+    reused = gate is not None and gate.pruned is not None
+    if not reused:
+        with _timed(timings, "calibration"):
+            calibration = prune_calibration(config, model, tokenizer, report_progress)
     with _timed(timings, "prune"):
-        reused = gate is not None and gate.pruned is not None
         if reused:  # the gate pruned a copy at this very ratio with the same data
             plan = _take_pruned(model, gate.pruned)
             gate = replace(gate, pruned=None)  # its copy can go
         else:
-            calibration = calibration_batch(tokenizer, config.calibration_dataset,
-                                            config.num_examples, config.seq_len, config.seed)
             plan = _prune(config, model, calibration, allocation,
                           lambda d, t: report_progress("prune", d, t))
     ppl_after = _evaluate(config, model, tokenizer, evaluate, timings, "evaluate_after",
@@ -247,6 +249,23 @@ def run_pipeline(config: PruneConfig, model: nn.Module | None = None, tokenizer=
                                            allocation.channels_to_keep).to_dict()
     return PipelineResult(model, tokenizer, plan, importance, rates, allocation, report,
                           ppl_before, ppl_after, ppl_after_pruning, recovery)
+
+
+def prune_calibration(config: PruneConfig, model: nn.Module, tokenizer,
+                      progress: Progress | None = None) -> torch.Tensor:
+    """The prune stage's windows: ``num_examples`` real ones of the calibration corpus, then
+    ``self_text_share`` as many written by ``model`` (dense: call it before any cut) continuing
+    them (stage ``self_text``; read from the disk cache when written before)."""
+    real = calibration_batch(tokenizer, config.calibration_dataset, config.num_examples,
+                             config.seq_len, config.seed)
+    count = written_count(config.self_text_share, real.shape[0])
+    if count == 0:
+        return real
+    report = progress or (lambda stage, done, total: None)
+    written = self_written(model, real, count, config.seq_len, config.seed,
+                           model_id=config.base_model,
+                           progress=lambda d, t: report("self_text", d, t))
+    return torch.cat([real, written])
 
 
 def _prune(config: PruneConfig, model: nn.Module, calibration: torch.Tensor,

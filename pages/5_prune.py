@@ -93,6 +93,13 @@ def run_settings() -> tuple[PruneConfig, str, int] | None:
                                       help="For unit scores and the down_proj re-fit.")
             seq_len = a.number_input("Tokens per calibration window", 8, 2048, calibration_size[1],
                                      step=8, key="run_seq_len")
+            self_share = a.number_input(
+                "Self-written windows per real one", 0.0, 4.0, float(preset.self_text_share),
+                step=0.25, key="run_self_text",
+                help="Windows the dense model writes itself, each continuing 4 tokens of a real "
+                     "one, added to the calibration text: the prune then answers to text in "
+                     "general, not only to the calibration corpus. Written once per model and "
+                     "settings (cached); on a CPU, minutes for the default preset's 128.")
             eval_len = b.number_input("Evaluation window (tokens)", 16, 4096, d["eval_seq_len"],
                                       step=16, key="run_eval_len")
             windows = b.number_input("Evaluation windows per corpus", 1, 512,
@@ -142,7 +149,7 @@ def run_settings() -> tuple[PruneConfig, str, int] | None:
         config = preset.with_(base_model=loaded.source, device=loaded.device,
                               dtype=None if loaded.dtype == "auto" else loaded.dtype,
                               unit_importance=unit, mode=mode, channel_selection=channels,
-                              num_examples=int(examples),
+                              num_examples=int(examples), self_text_share=float(self_share),
                               seq_len=int(seq_len), eval_datasets=tuple(corpora),
                               eval_seq_len=int(eval_len), max_eval_windows=int(windows),
                               recovery=recovery, recovery_steps=int(steps),

@@ -38,7 +38,9 @@ STAGES = {"starting": "starting", "copy model": "copying the model",
           "evaluate_after": "perplexity after", "generate after": "generating (after)",
           "recover": "recovery (distillation steps)",
           "evaluate_recovered": "perplexity after recovery",
-          "calibration": "calibration text", "taylor": "Taylor scores (backward passes)",
+          "calibration": "calibration text",
+          "self_text": "calibration text the dense model writes",
+          "taylor": "Taylor scores (backward passes)",
           "sensitivity": "sensitivity profile (single-layer cuts)"}
 
 

@@ -80,6 +80,7 @@ def test_preset_keeps_its_choices_unless_a_flag_overrides():
     assert parse("--preset", "original", "--alpha", "2").alpha == 2.0
     assert parse("--preset", "default").channel_selection == "energy+fisher"
     assert parse("--preset", "default", "--channel_selection", "energy").channel_selection == "energy"
+    assert parse("--preset", "default", "--self_text_share", "0.5").self_text_share == 0.5
     with pytest.raises(cli.UsageError, match="--channel_selection: invalid choice: 'obs'"):
         parse("--channel_selection", "obs")
 
@@ -182,6 +183,7 @@ FAILURES = {
     "unknown calibration corpus": (["--calibration_dataset", "nosuch"], "'nosuch'", 1),
     "unknown eval corpus": (["--test_after_prune", "--eval_datasets", "demo,nope"], "'nope'", 1),
     "too few layers": (["--layer_start", "5"], "layer range", 2),
+    "self-text share": (["--self_text_share", "-1"], "self_text_share=-1.0 must lie in [0, 4]", 2),
 }
 
 

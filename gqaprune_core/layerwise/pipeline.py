@@ -44,6 +44,10 @@ MEMORY_MARGIN = 1.3  # in memory: weights x this + MEMORY_RESERVE must fit the f
 MEMORY_RESERVE = 2 * 2**30  # activations, the LM head's logits, the allocator's slack
 
 
+REAL_TEXT_ONLY = ("real calibration text only: windows the model writes itself need the whole "
+                  "model in memory for every token (--self_text_share applies in memory)")
+
+
 def check_streamable(config: PruneConfig) -> None:
     """Raise ``ValueError`` saying why and what to use if ``config`` cannot run layer-wise."""
     scored_by_units = config.prune_attention or (config.prune_mlp and not config.compensate)
@@ -229,6 +233,9 @@ def run_layerwise(config: PruneConfig, output: str | os.PathLike, *,
     with closing(open_source(config.base_model)) as source:
         config, substituted, spill = streamable_selection(
             config, source, dtype, Path(output).resolve().parent, free_memory(torch.device("cpu")))
+        real_only = config.self_text_share > 0
+        if real_only:  # writing text runs the whole model for every token
+            config = config.with_(self_text_share=0.0)
         tokenizer = load_tokenizer(source)
         model = open_model(source, device, dtype)
         timings["load"] = round(time.perf_counter() - start, 3)
@@ -261,6 +268,8 @@ def run_layerwise(config: PruneConfig, output: str | os.PathLike, *,
     report["layerwise"] = layerwise_summary(Path(output), steps, device)
     if substituted:
         report["layerwise"]["channel_selection"] = substituted
+    if real_only:
+        report["layerwise"]["self_text"] = REAL_TEXT_ONLY
     return PipelineResult(pruned_model, tokenizer, plan, importance, rates, allocation, report,
                           ppl_before, ppl_after, ppl_after)
 

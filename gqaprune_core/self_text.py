@@ -1,0 +1,141 @@
+"""Calibration windows the dense model writes itself, beside the real ones.
+
+Whatever calibration text is chosen, the pruned model keeps that kind of text best and loses
+most on kinds it never saw (held out, 30 % removed: news left out of the calibration mix
+reads 3.18x dense, news in it 1.93x; BENCHMARKS.md, "Eighth round"). Text sampled from the
+model itself is drawn from everything it learned, so a share of it makes the cuts and the
+re-fit answer to text in general, not only to the calibration corpus.
+
+Each written window continues the first :data:`PROMPT_TOKENS` tokens of a real calibration
+window (cycled), sampled at temperature 1 with nucleus ``top_p`` and end-of-text tokens
+suppressed, so every window has the real ones' length. Sampling uses its own seeded
+generator: the same model, prompts and seed give the same windows on every run. The windows
+are cached on disk (``cache_dir()/self_text``), keyed by the weights' fingerprint, the prompts
+and the settings, so the quality gate's prunes, the app's reruns and a repeated command write
+them once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import DynamicCache
+
+from gqaprune_core.layer_importance import weights_fingerprint
+from gqaprune_core.models import cache_dir
+
+PROMPT_TOKENS = 4
+TOP_P = 0.95
+BATCH_ROWS = 32
+
+Progress = Callable[[int, int], None]
+
+
+def written_count(share: float, real: int) -> int:
+    """How many windows ``share`` (written windows per real one) asks for beside ``real``."""
+    return round(share * real)
+
+
+def _end_ids(model: nn.Module) -> list[int]:
+    ids: set[int] = set()
+    for source in (model.config, getattr(model, "generation_config", None)):
+        value = getattr(source, "eos_token_id", None)
+        ids.update([value] if isinstance(value, int) else (value or []))
+    return sorted(i for i in ids if 0 <= i < model.config.vocab_size)
+
+
+def _sample(logits: torch.Tensor, top_p: float, generator: torch.Generator) -> torch.Tensor:
+    """One token per row from the smallest set of tokens whose probability reaches ``top_p``."""
+    probs, order = torch.sort(torch.softmax(logits.float(), dim=-1), dim=-1, descending=True)
+    outside = probs.cumsum(-1) - probs >= top_p  # the top token always stays
+    probs = probs.masked_fill(outside, 0.0)
+    picks = torch.multinomial(probs, 1, generator=generator)
+    return order.gather(-1, picks)
+
+
+@torch.no_grad()
+def write_windows(model: nn.Module, prompts: torch.Tensor, count: int, seq_len: int,
+                  seed: int = 0, top_p: float = TOP_P,
+                  progress: Progress | None = None) -> torch.Tensor:
+    """``(count, seq_len)`` token ids the model writes, each continuing the first
+    :data:`PROMPT_TOKENS` ids of a row of ``prompts`` (rows cycled), on the CPU."""
+    if prompts.dim() != 2 or prompts.shape[1] < PROMPT_TOKENS or seq_len <= PROMPT_TOKENS:
+        raise ValueError(f"self-written windows need prompts of at least {PROMPT_TOKENS} tokens "
+                         f"and seq_len above {PROMPT_TOKENS}; got prompts {tuple(prompts.shape)}, "
+                         f"seq_len {seq_len}")
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    banned = _end_ids(model)
+    starts = prompts[torch.arange(count) % prompts.shape[0], :PROMPT_TOKENS].cpu()
+    was_training = model.training
+    model.eval()
+    rows, steps = [], seq_len - PROMPT_TOKENS
+    for batch, chunk in enumerate(starts.split(BATCH_ROWS)):
+        tokens, step_input, cache = [chunk], chunk.to(device), DynamicCache()
+        for step in range(steps):
+            logits = model(step_input, past_key_values=cache, use_cache=True).logits[:, -1]
+            logits = logits.float().cpu()
+            logits[:, banned] = float("-inf")
+            token = _sample(logits, top_p, generator)
+            tokens.append(token)
+            step_input = token.to(device)
+            if progress is not None:
+                progress(batch * steps + step + 1, -(-count // BATCH_ROWS) * steps)
+        rows.append(torch.cat(tokens, dim=1))
+    model.train(was_training)
+    return torch.cat(rows) if rows else torch.empty(0, seq_len, dtype=torch.long)
+
+
+def cache_path(model: nn.Module, prompts: torch.Tensor, count: int, seq_len: int, seed: int,
+               model_id: str = "", cache_root: Path | None = None) -> Path:
+    """``<cache_root or cache_dir()>/self_text/<hash>.safetensors`` for these inputs."""
+    starts = prompts[:, :PROMPT_TOKENS].contiguous().cpu().numpy().tobytes()
+    key = json.dumps({"model": model_id, "weights": weights_fingerprint(model), "count": count,
+                      "seq_len": seq_len, "seed": seed, "top_p": TOP_P,
+                      "prompt_tokens": PROMPT_TOKENS, "prompts": hashlib.sha256(starts).hexdigest()},
+                     sort_keys=True)
+    root = cache_dir() if cache_root is None else Path(cache_root)
+    return root / "self_text" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.safetensors"
+
+
+def self_written(model: nn.Module, prompts: torch.Tensor, count: int, seq_len: int,
+                 seed: int = 0, model_id: str = "", use_cache: bool = True,
+                 progress: Progress | None = None) -> torch.Tensor:
+    """:func:`write_windows`, read from the disk cache when these inputs wrote it before (a
+    file that cannot be read or has the wrong shape is written again)."""
+    if count == 0:
+        return torch.empty(0, seq_len, dtype=torch.long)
+    path = cache_path(model, prompts, count, seq_len, seed, model_id) if use_cache else None
+    if path is not None and path.is_file():
+        try:
+            ids = load_file(path)["ids"]
+            if tuple(ids.shape) == (count, seq_len):
+                return ids
+        except Exception:  # noqa: BLE001 - a damaged cache file is only rewritten
+            pass
+    ids = write_windows(model, prompts, count, seq_len, seed, progress=progress)
+    if path is not None:
+        _save_atomic(path, ids)
+    return ids
+
+
+def _save_atomic(path: Path, ids: torch.Tensor) -> None:
+    """Write through a private staging file, then rename: a concurrent run or a crash never
+    leaves a half-written file under the cache name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(handle)
+    try:
+        save_file({"ids": ids.contiguous()}, staging)
+        os.replace(staging, path)
+    except BaseException:
+        Path(staging).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,107 @@
+"""Calibration windows the dense model writes itself: sampling, determinism, the disk cache, the
+prune stage's batch, and the layer-wise path that cannot write them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gqaprune_core import self_text
+from gqaprune_core.config import PruneConfig
+from gqaprune_core.data import calibration_batch
+from gqaprune_core.pipeline import prune_calibration
+from gqaprune_core.self_text import (PROMPT_TOKENS, _sample, cache_path, self_written,
+                                     write_windows, written_count)
+
+EOS = 1  # the tiny model's end-of-text id
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("GQAPRUNE_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def prompts():
+    return torch.randint(2, 97, (3, 10), generator=torch.Generator().manual_seed(5))
+
+
+def test_windows_continue_their_prompts_and_are_seeded(make_tiny, prompts):
+    model = make_tiny().train()
+    ids = write_windows(model, prompts, count=5, seq_len=12, seed=7)
+    assert model.training  # put back as it was
+    assert ids.shape == (5, 12) and ids.dtype == torch.long
+    # rows cycle through the prompts, each starting with its first PROMPT_TOKENS tokens
+    cycled = prompts[[0, 1, 2, 0, 1], :PROMPT_TOKENS]
+    assert torch.equal(ids[:, :PROMPT_TOKENS], cycled)
+    assert not (ids[:, PROMPT_TOKENS:] == EOS).any()  # end-of-text never sampled
+    assert torch.equal(ids, write_windows(model, prompts, count=5, seq_len=12, seed=7))
+    assert not torch.equal(ids, write_windows(model, prompts, count=5, seq_len=12, seed=8))
+
+
+def test_a_nucleus_of_one_token_writes_what_the_whole_prefix_predicts(make_tiny, prompts,
+                                                                     monkeypatch):
+    """The KV-cached loop against a full forward pass over each prefix: with only the top token
+    in the nucleus, every written token is the argmax (end-of-text excluded) of the model's
+    logits over everything before it, so cache positions and the sampling agree."""
+    model = make_tiny()
+    monkeypatch.setattr(self_text, "BATCH_ROWS", 2)  # two row blocks
+    ids = write_windows(model, prompts, count=3, seq_len=14, seed=0, top_p=1e-9)
+    with torch.no_grad():
+        logits = model(ids).logits[:, PROMPT_TOKENS - 1:-1].clone()
+    logits[..., EOS] = float("-inf")
+    assert torch.equal(ids[:, PROMPT_TOKENS:], logits.argmax(-1))
+
+
+def test_sampling_stays_inside_the_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(400, 1)
+    picks = _sample(logits, 0.8, torch.Generator().manual_seed(0)).flatten()
+    assert set(picks.tolist()) == {0, 1}  # 0.5 + 0.3 reach 0.8: tokens 2 and 3 never drawn
+    share = (picks == 0).float().mean().item()
+    assert 0.55 < share < 0.70  # renormalised: 0.5 / 0.8 = 0.625
+    certain = torch.log(torch.tensor([[0.97, 0.01, 0.01, 0.01]])).repeat(50, 1)
+    assert (_sample(certain, 0.95, torch.Generator().manual_seed(0)) == 0).all()
+
+
+def test_written_windows_are_cached_and_a_damaged_file_is_written_again(make_tiny, prompts,
+                                                                       tmp_path):
+    model = make_tiny()
+    first = self_written(model, prompts, 4, 10, seed=2, model_id="tiny")
+    path = cache_path(model, prompts, 4, 10, 2, "tiny")
+    assert path.is_file() and not list(path.parent.glob(".*"))  # no staging file left
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the cache should have answered")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(self_text, "write_windows", refuse)
+        assert torch.equal(self_written(model, prompts, 4, 10, seed=2, model_id="tiny"), first)
+    assert cache_path(model, prompts, 4, 10, 3, "tiny") != path  # the seed is in the key
+    assert path.is_relative_to(tmp_path)  # the test's own cache
+    path.write_bytes(b"not safetensors")
+    assert torch.equal(self_written(model, prompts, 4, 10, seed=2, model_id="tiny"), first)
+    assert self_written(model, prompts, 0, 10).shape == (0, 10)
+
+
+def test_the_prune_stage_adds_the_share_of_written_windows(make_tiny, tiny_tokenizer):
+    model = make_tiny()
+    config = PruneConfig(base_model="tiny", calibration_dataset="pydoc", num_examples=6,
+                         seq_len=16)
+    real = calibration_batch(tiny_tokenizer, "pydoc", 6, 16, 0)
+    assert torch.equal(prune_calibration(config, model, tiny_tokenizer), real)
+    stages = []
+    batch = prune_calibration(config.with_(self_text_share=0.5), model, tiny_tokenizer,
+                              lambda stage, done, total: stages.append(stage))
+    assert batch.shape == (6 + written_count(0.5, 6), 16) == (9, 16)
+    assert torch.equal(batch[:6], real)
+    assert torch.equal(batch[6:, :PROMPT_TOKENS], real[:3, :PROMPT_TOKENS])
+    assert set(stages) == {"self_text"}
+    with pytest.raises(ValueError, match="self_text_share=5.0"):
+        config.with_(self_text_share=5.0)
+
+
+def test_too_short_prompts_or_windows_are_refused(make_tiny):
+    with pytest.raises(ValueError, match="at least 4 tokens"):
+        write_windows(make_tiny(), torch.zeros(2, 3, dtype=torch.long), 2, 10)
+    with pytest.raises(ValueError, match="seq_len 4"):
+        write_windows(make_tiny(), torch.zeros(2, 8, dtype=torch.long), 2, 4)
