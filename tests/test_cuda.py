@@ -18,7 +18,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 SMALL = {"importance_samples": 4, "importance_seq_len": 16, "num_examples": 6, "seq_len": 24,
          "eval_seq_len": 32, "max_eval_windows": 2, "channel_multiple": 1, "device": "cuda",
-         "pruning_ratio": 0.2, "calibration_dataset": "pydoc", "eval_datasets": ("pydoc",)}
+         "pruning_ratio": 0.2, "calibration_dataset": "pydoc", "eval_datasets": ("pydoc",),
+         "self_text_share": 0.0}  # layer-wise runs calibrate on real text only
 
 
 @pytest.fixture(autouse=True)

@@ -24,7 +24,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # calibration on demo alone: the default preset's mix tokenizes slowly with the character tokenizer
 SMALL = {"importance_samples": 4, "importance_seq_len": 16, "num_examples": 6, "seq_len": 24,
          "eval_seq_len": 32, "max_eval_windows": 2, "channel_multiple": 1, "device": "cpu",
-         "pruning_ratio": 0.1, "calibration_dataset": "demo", "eval_datasets": ("demo", "pydoc")}
+         "pruning_ratio": 0.1, "calibration_dataset": "demo", "eval_datasets": ("demo", "pydoc"),
+         "self_text_share": 0.0}  # layer-wise runs calibrate on real text only (tested apart)
 
 
 @pytest.fixture(autouse=True)
@@ -81,6 +82,17 @@ def test_layerwise_equals_in_memory(make_tiny, tmp_path, setting):
     layerwise = run_layerwise(config, tmp_path / "out", batch_size=4)
     assert not layerwise.plan.layers[0].is_identity or not layerwise.plan.layers[1].is_identity
     _assert_same_run(in_memory, layerwise, tmp_path / "out")
+
+
+def test_layerwise_calibrates_on_real_text_only_and_says_so(make_tiny, tmp_path):
+    """Writing text needs the whole model for every token: a layer-wise run with a share of
+    self-written windows prunes exactly as in memory without them, and reports why."""
+    model, tokenizer, path = _saved(make_tiny, tmp_path)
+    config = SETTINGS["default"].with_(base_model=str(path), max_eval_windows=1)
+    layerwise = run_layerwise(config.with_(self_text_share=1.0), tmp_path / "out")
+    assert "real calibration text only" in layerwise.report["layerwise"]["self_text"]
+    _assert_same_run(run_pipeline(config.with_(self_text_share=0.0), model, tokenizer),
+                     layerwise, tmp_path / "out")
 
 
 @pytest.mark.parametrize("setting", ["groups_and_refit", "fisher_groups"])
@@ -294,9 +306,13 @@ def test_cli_layerwise_writes_the_model_and_reports_layers(make_tiny, tmp_path):
     run = cli.execute(_cli_args(path, tmp_path / "runs", "--layerwise", "on",
                                 "--save_ckpt_log_name", "lw", "--test_after_prune",
                                 "--max_shard_size", "20KB"))
+    # the default preset's self-written windows need the whole model: layer-wise, real text
     in_memory = cli.execute(_cli_args(path, tmp_path / "runs", "--layerwise", "off",
                                       "--save_ckpt_log_name", "mem", "--test_after_prune",
-                                      "--save_model"))
+                                      "--save_model", "--self_text_share", "0"))
+    assert "real calibration text only" in run.report["layerwise"]["self_text"]
+    assert "real calibration text only" in next(
+        (tmp_path / "runs" / "lw").glob("*/training.log")).read_text()
     assert run.report["layerwise"]["stages"]["prune"]["layers"] == 3
     assert run.report["model_dir"] == str((tmp_path / "runs" / "lw" / "model").resolve())
     assert "layerwise" not in in_memory.report
@@ -386,7 +402,8 @@ def test_auto_streams_a_model_that_dispatch_would_offload(make_tiny, tmp_path):
     run = cli.execute(_cli_args(path, tmp_path / "runs", "--device_map", "auto",
                                 "--max_memory", "cpu=20KiB,disk=1GiB", "--save_ckpt_log_name",
                                 "spread"))
-    in_memory = cli.execute(_cli_args(path, tmp_path / "runs", "--save_ckpt_log_name", "mem"))
+    in_memory = cli.execute(_cli_args(path, tmp_path / "runs", "--save_ckpt_log_name", "mem",
+                                      "--self_text_share", "0"))  # layer-wise: real text only
     assert "layerwise" in run.report and run.result.plan == in_memory.result.plan
     assert cli.main(_cli_args(path, tmp_path / "runs", "--device_map", "auto", "--max_memory",
                               "cpu=20KiB,disk=1GiB", "--layerwise", "off")) == 1
