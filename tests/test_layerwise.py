@@ -276,14 +276,17 @@ def test_layerwise_choice():
 
 @pytest.mark.demo
 def test_demo_model_layerwise_equals_in_memory(demo, tmp_path):
-    """The default preset as shipped (energy + Fisher channels, feedback) on the demo model."""
+    """The default preset as shipped (energy + Fisher channels, feedback) on the demo model;
+    layer-wise it calibrates on real text only, as the in-memory run without written text."""
     model, tokenizer = demo
     config = PRESETS["default"].with_(
         importance_samples=2, importance_seq_len=64, num_examples=4, seq_len=64,
         calibration_dataset="demo", eval_datasets=("demo",), eval_seq_len=128,
         max_eval_windows=1, device="cpu")
-    in_memory = run_pipeline(config, copy.deepcopy(model), tokenizer, copy_model=False)
+    in_memory = run_pipeline(config.with_(self_text_share=0.0), copy.deepcopy(model), tokenizer,
+                             copy_model=False)
     layerwise = run_layerwise(config, tmp_path / "out", batch_size=8)
+    assert "real calibration text only" in layerwise.report["layerwise"]["self_text"]
     _assert_same_run(in_memory, layerwise, tmp_path / "out", atol=1e-4)
     assert layerwise.ppl_before[0].value == pytest.approx(in_memory.ppl_before[0].value,
                                                           rel=1e-5)
