@@ -22,7 +22,6 @@ from torch import nn
 from gqaprune_core.compensate import prune_mlp_compensated_
 from gqaprune_core.config import PruneConfig
 from gqaprune_core.data import calibration_batch
-from gqaprune_core.self_text import self_written, written_count
 from gqaprune_core.evaluate import PerplexityResult, evaluate_corpora
 from gqaprune_core.layer_importance import LayerImportance, layer_importance, load_importance_config
 from gqaprune_core.models import count_parameters, layout, load_model
@@ -31,6 +30,7 @@ from gqaprune_core.pruner import prune_model_
 from gqaprune_core.recovery import RecoveryReport, recover_
 from gqaprune_core.rates import layer_rates
 from gqaprune_core.schedule import UnitAllocation, UnitCost, allocate_units, unit_costs
+from gqaprune_core.self_text import self_written, written_count
 from gqaprune_core.sensitivity.gate import gate_search, held_out_name
 from gqaprune_core.sensitivity.optimize import allocation_rates, optimize_units
 from gqaprune_core.sensitivity.predict import predict_kept

@@ -78,19 +78,21 @@ def write_windows(model: nn.Module, prompts: torch.Tensor, count: int, seq_len: 
     was_training = model.training
     model.eval()
     rows, steps = [], seq_len - PROMPT_TOKENS
-    for batch, chunk in enumerate(starts.split(BATCH_ROWS)):
-        tokens, step_input, cache = [chunk], chunk.to(device), DynamicCache()
-        for step in range(steps):
-            logits = model(step_input, past_key_values=cache, use_cache=True).logits[:, -1]
-            logits = logits.float().cpu()
-            logits[:, banned] = float("-inf")
-            token = _sample(logits, top_p, generator)
-            tokens.append(token)
-            step_input = token.to(device)
-            if progress is not None:
-                progress(batch * steps + step + 1, -(-count // BATCH_ROWS) * steps)
-        rows.append(torch.cat(tokens, dim=1))
-    model.train(was_training)
+    try:
+        for batch, chunk in enumerate(starts.split(BATCH_ROWS)):
+            tokens, step_input, cache = [chunk], chunk.to(device), DynamicCache()
+            for step in range(steps):
+                logits = model(step_input, past_key_values=cache, use_cache=True).logits[:, -1]
+                logits = logits.float().cpu()
+                logits[:, banned] = float("-inf")
+                token = _sample(logits, top_p, generator)
+                tokens.append(token)
+                step_input = token.to(device)
+                if progress is not None:
+                    progress(batch * steps + step + 1, -(-count // BATCH_ROWS) * steps)
+            rows.append(torch.cat(tokens, dim=1))
+    finally:
+        model.train(was_training)
     return torch.cat(rows) if rows else torch.empty(0, seq_len, dtype=torch.long)
 
 
