@@ -27,7 +27,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -42,6 +41,7 @@ from gqaprune_core.data import calibration_batch
 from gqaprune_core.evaluate import nll_from_hidden
 from gqaprune_core.layer_calls import hidden_input, record_calls
 from gqaprune_core.models import cache_dir, decoder_layers, layer_output
+from gqaprune_core.outputs import write_atomic
 
 Method = Literal["removal", "activation", "block_influence"]
 METHODS: tuple[str, ...] = ("removal", "activation", "block_influence")
@@ -250,16 +250,8 @@ def save_importance_config(path: str | os.PathLike, importance: LayerImportance,
         "method": importance.method, "seconds": importance.seconds,
         "format_version": FORMAT_VERSION,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            json.dump(content, file, indent=1)
-        os.replace(staging, path)
-    except BaseException:
-        Path(staging).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, lambda staging: staging.write_text(json.dumps(content, indent=1),
+                                                                 encoding="utf-8"))
 
 
 def _layer_dict(content: dict, key: str, path: Path) -> list[float]:

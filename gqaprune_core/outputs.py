@@ -22,7 +22,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,19 +128,27 @@ def create_run_dir(paths: RunPaths, overwrite: bool = False) -> None:
     paths.log_dir.mkdir(parents=True, exist_ok=True)
 
 
-def write_text_atomic(path: Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary sibling and ``os.replace``."""
+def write_atomic(path: Path, write: Callable[[Path], object]) -> Path:
+    """Create ``path`` whole or not at all: ``write(staging)`` fills a temporary sibling, which
+    then replaces ``path`` (``os.replace``); on any error the sibling goes. A crash or a
+    concurrent writer never leaves a half-written file under ``path``."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(handle)
     try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
-        os.chmod(staging, 0o644)  # mkstemp creates 0600; these are ordinary result files
+        write(Path(staging))
+        os.chmod(staging, 0o644)  # mkstemp creates 0600; these are ordinary files
         os.replace(staging, path)
     except BaseException:
         Path(staging).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary sibling and ``os.replace``."""
+    return write_atomic(path, lambda staging: staging.write_text(text, encoding="utf-8"))
 
 
 def write_json_atomic(path: Path, data: Mapping) -> Path:

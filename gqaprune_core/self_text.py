@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,6 +29,7 @@ from transformers import DynamicCache
 
 from gqaprune_core.layer_importance import weights_fingerprint
 from gqaprune_core.models import cache_dir
+from gqaprune_core.outputs import write_atomic
 
 PROMPT_TOKENS = 4
 TOP_P = 0.95
@@ -125,19 +124,5 @@ def self_written(model: nn.Module, prompts: torch.Tensor, count: int, seq_len: i
             pass
     ids = write_windows(model, prompts, count, seq_len, seed, progress=progress)
     if path is not None:
-        _save_atomic(path, ids)
+        write_atomic(path, lambda staging: save_file({"ids": ids.contiguous()}, staging))
     return ids
-
-
-def _save_atomic(path: Path, ids: torch.Tensor) -> None:
-    """Write through a private staging file, then rename: a concurrent run or a crash never
-    leaves a half-written file under the cache name."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(handle)
-    try:
-        save_file({"ids": ids.contiguous()}, staging)
-        os.replace(staging, path)
-    except BaseException:
-        Path(staging).unlink(missing_ok=True)
-        raise

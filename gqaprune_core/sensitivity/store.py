@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from torch import nn
 from gqaprune_core.data import CorpusError, calibration_batch, fit_and_validation, load_corpus
 from gqaprune_core.layer_importance import weights_fingerprint
 from gqaprune_core.models import cache_dir, layout
+from gqaprune_core.outputs import write_atomic
 from gqaprune_core.sensitivity.cuts import MLP_RATES
 from gqaprune_core.sensitivity.profile import (PROFILE_SEED_OFFSET, Progress, ProfileSettings,
                                                SensitivityProfile, compute_profile)
@@ -73,17 +73,8 @@ def cache_path(inputs: dict[str, Any], cache_root: Path | None = None) -> Path:
 
 def save_profile(path: str | os.PathLike, profile: SensitivityProfile) -> Path:
     """Write ``profile`` as JSON atomically. Returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            json.dump(profile.to_dict() | {"format_version": FORMAT_VERSION}, file)
-        os.replace(staging, path)
-    except BaseException:
-        Path(staging).unlink(missing_ok=True)
-        raise
-    return path
+    content = json.dumps(profile.to_dict() | {"format_version": FORMAT_VERSION})
+    return write_atomic(Path(path), lambda staging: staging.write_text(content, encoding="utf-8"))
 
 
 def load_profile(path: str | os.PathLike) -> SensitivityProfile:
