@@ -23,6 +23,8 @@ Results go to ``benchmarks/results/select_default.json`` (one entry per variant,
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import math
 import sys
 from pathlib import Path
@@ -92,6 +94,9 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "default/self-1": (DPW, {"self_text_share": 1.0}),
     "default/self-0.5": (DPW, {"self_text_share": 0.5}),
     "default/real-text": (DPW, {"self_text_share": 0.0}),
+    # ninth round: more of the model's own text
+    "default/self-2": (DPW, {"self_text_share": 2.0}),
+    "default/self-1/prompt-1": (DPW, {}),
     "nw/ridge-0.1": (NW, {"refit_ridge": 0.1}),
     "nw/ridge-0.3": (NW, {"refit_ridge": 0.3}),
     "nw/ridge-1": (NW, {"refit_ridge": 1.0}),
@@ -103,6 +108,11 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "news/ridge-0.1": ("sel-demo", {"refit_ridge": 0.1}),
 }
 
+# variant -> module constants set for its runs only ("module.NAME": value): settings that are
+# not (yet) config fields, so that a variant can try them without a knob users would see
+CONSTANTS: dict[str, dict[str, object]] = {
+    "default/self-1/prompt-1": {"gqaprune_core.self_text.PROMPT_TOKENS": 1},
+}
 
 KINDS = {"news": "sel-demo", "pydoc": "sel-pydoc", "wiki": "sel-wiki"}
 
@@ -140,6 +150,22 @@ def with_new_fields(previous: dict | None) -> dict | None:
         return previous
     base = PruneConfig().to_dict() | previous["settings"]["base"]
     return previous | {"settings": previous["settings"] | {"base": base}}
+
+
+@contextlib.contextmanager
+def constants(values: dict[str, object]):
+    """Set ``{"package.module.NAME": value}`` for the ``with`` block, then restore each."""
+    saved = []
+    try:
+        for dotted, value in values.items():
+            module, name = dotted.rsplit(".", 1)
+            target = importlib.import_module(module)
+            saved.append((target, name, getattr(target, name)))
+            setattr(target, name, value)
+        yield
+    finally:
+        for target, name, value in reversed(saved):
+            setattr(target, name, value)
 
 
 def held_out_corpora() -> dict[str, data.Corpus]:
@@ -197,7 +223,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--list", action="store_true")
     args = parser.parse_args(argv)
     if args.list:
-        print("\n".join(f"{k}: fit {v[0]}, {v[1]}" for k, v in VARIANTS.items()))
+        print("\n".join(f"{k}: fit {v[0]}, {v[1]} {CONSTANTS.get(k, '')}".rstrip()
+                        for k, v in VARIANTS.items()))
         return {}
     set_threads(args.threads)
     model, tokenizer, windows = demo_and_held_out_windows(args.windows, args.seq_len)
@@ -219,9 +246,10 @@ def main(argv: list[str] | None = None) -> dict:
                 continue
             config = BASE.with_(pruning_ratio=args.ratio, calibration_dataset=fit,
                                 eval_datasets=(), **changes)
-            with Timer() as clock:
+            with Timer() as clock, constants(CONSTANTS.get(name, {})):
                 result = run_pipeline(config, model, tokenizer, copy_model=True, evaluate=False)
             entry = {"variant": name, "fit": fit, "unseen": unseen, "changes": changes,
+                     "constants": CONSTANTS.get(name, {}),
                      "params": count_parameters(result.model), "prune_s": round(clock.seconds, 1),
                      **validate(result.model, windows, out["dense"])}
             out["results"][entry_name] = entry

@@ -6,6 +6,7 @@ this needs no demo model and stays well under 30 s on two cores.
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -205,3 +206,28 @@ def test_a_results_file_from_before_a_new_setting_is_resumed_with_the_setting_of
     assert not same_settings(select_default.with_new_fields(previous),
                              {"ratio": 0.3, "base": turned_on})
     assert select_default.with_new_fields(None) is None
+
+
+def test_a_variants_module_constants_hold_for_its_run_only():
+    """``constants`` sets each dotted name for the block and restores it, even on an error;
+    every name a variant sets exists (a typo would silently try nothing)."""
+    import select_default
+
+    from gqaprune_core import self_text
+
+    before = self_text.PROMPT_TOKENS
+    with select_default.constants({"gqaprune_core.self_text.PROMPT_TOKENS": before + 3}):
+        assert self_text.PROMPT_TOKENS == before + 3
+    assert self_text.PROMPT_TOKENS == before
+    with pytest.raises(RuntimeError), \
+            select_default.constants({"gqaprune_core.self_text.TOP_P": 0.5}):
+        raise RuntimeError
+    assert self_text.TOP_P == 0.95
+    with pytest.raises(AttributeError):
+        with select_default.constants({"gqaprune_core.self_text.NO_SUCH_NAME": 1}):
+            pass
+    for name, values in select_default.CONSTANTS.items():
+        assert name in select_default.VARIANTS
+        for dotted in values:
+            module, attribute = dotted.rsplit(".", 1)
+            assert hasattr(importlib.import_module(module), attribute), dotted
