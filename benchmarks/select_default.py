@@ -97,6 +97,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     # ninth round: more of the model's own text
     "default/self-2": (DPW, {"self_text_share": 2.0}),
     "default/self-1/prompt-1": (DPW, {}),
+    "default/self-1/prompt-0": (DPW, {}),
     "nw/ridge-0.1": (NW, {"refit_ridge": 0.1}),
     "nw/ridge-0.3": (NW, {"refit_ridge": 0.3}),
     "nw/ridge-1": (NW, {"refit_ridge": 1.0}),
@@ -112,6 +113,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
 # not (yet) config fields, so that a variant can try them without a knob users would see
 CONSTANTS: dict[str, dict[str, object]] = {
     "default/self-1/prompt-1": {"gqaprune_core.self_text.PROMPT_TOKENS": 1},
+    "default/self-1/prompt-0": {"gqaprune_core.self_text.PROMPT_TOKENS": 0},
 }
 
 KINDS = {"news": "sel-demo", "pydoc": "sel-pydoc", "wiki": "sel-wiki"}

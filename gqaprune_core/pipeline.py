@@ -30,7 +30,7 @@ from gqaprune_core.pruner import prune_model_
 from gqaprune_core.recovery import RecoveryReport, recover_
 from gqaprune_core.rates import layer_rates
 from gqaprune_core.schedule import UnitAllocation, UnitCost, allocate_units, unit_costs
-from gqaprune_core.self_text import self_written, written_count
+from gqaprune_core.self_text import prompts_for, self_written, written_count
 from gqaprune_core.sensitivity.gate import gate_search, held_out_name
 from gqaprune_core.sensitivity.optimize import allocation_rates, optimize_units
 from gqaprune_core.sensitivity.predict import predict_kept
@@ -254,16 +254,16 @@ def run_pipeline(config: PruneConfig, model: nn.Module | None = None, tokenizer=
 def prune_calibration(config: PruneConfig, model: nn.Module, tokenizer,
                       progress: Progress | None = None) -> torch.Tensor:
     """The prune stage's windows: ``num_examples`` real ones of the calibration corpus, then
-    ``self_text_share`` as many written by ``model`` (dense: call it before any cut) continuing
-    them (stage ``self_text``; read from the disk cache when written before)."""
+    ``self_text_share`` as many written by ``model`` (dense: call it before any cut), prompted
+    by them (stage ``self_text``; read from the disk cache when written before)."""
     real = calibration_batch(tokenizer, config.calibration_dataset, config.num_examples,
                              config.seq_len, config.seed)
     count = written_count(config.self_text_share, real.shape[0])
     if count == 0:
         return real
     report = progress or (lambda stage, done, total: None)
-    written = self_written(model, real, count, config.seq_len, config.seed,
-                           model_id=config.base_model,
+    written = self_written(model, prompts_for(real, tokenizer), count, config.seq_len,
+                           config.seed, model_id=config.base_model,
                            progress=lambda d, t: report("self_text", d, t))
     return torch.cat([real, written])
 

@@ -6,9 +6,10 @@ reads 3.18x dense, news in it 1.93x; BENCHMARKS.md, "Eighth round"). Text sample
 model itself is drawn from everything it learned, so a share of it makes the cuts and the
 re-fit answer to text in general, not only to the calibration corpus.
 
-Each written window continues the first :data:`PROMPT_TOKENS` tokens of a real calibration
-window (cycled), sampled at temperature 1 with nucleus ``top_p`` and end-of-text tokens
-suppressed, so every window has the real ones' length. Sampling uses its own seeded
+Each written window continues a prompt (:func:`prompts_for`: the first :data:`PROMPT_TOKENS`
+tokens of a real calibration window, cycled; with 0, a document break), sampled at temperature
+1 with nucleus ``top_p`` and end-of-text tokens suppressed, so every window has the real ones'
+length. Sampling uses its own seeded
 generator: the same model, prompts and seed give the same windows on every run. The windows
 are cached on disk (``cache_dir()/self_text``), keyed by the weights' fingerprint, the prompts
 and the settings, so the quality gate's prunes, the app's reruns and a repeated command write
@@ -31,7 +32,8 @@ from gqaprune_core.layer_importance import weights_fingerprint
 from gqaprune_core.models import cache_dir
 from gqaprune_core.outputs import write_atomic
 
-PROMPT_TOKENS = 4
+PROMPT_TOKENS = 4  # 0: every window starts at a document break (DOCUMENT_BREAK)
+DOCUMENT_BREAK = "\n\n"  # how the corpora join their documents (data.calibration_batch)
 TOP_P = 0.95
 BATCH_ROWS = 32
 
@@ -41,6 +43,16 @@ Progress = Callable[[int, int], None]
 def written_count(share: float, real: int) -> int:
     """How many windows ``share`` (written windows per real one) asks for beside ``real``."""
     return round(share * real)
+
+
+def prompts_for(real: torch.Tensor, tokenizer) -> torch.Tensor:
+    """The written windows' prompts, one per real window: its first :data:`PROMPT_TOKENS` ids,
+    or with 0 the ids of :data:`DOCUMENT_BREAK` (the same for every row: where a new document of
+    any kind may begin, so the model alone chooses what to write)."""
+    if PROMPT_TOKENS > 0:
+        return real[:, :PROMPT_TOKENS]
+    ids = tokenizer(DOCUMENT_BREAK, add_special_tokens=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long).expand(real.shape[0], -1)
 
 
 def _end_ids(model: nn.Module) -> list[int]:
@@ -64,19 +76,19 @@ def _sample(logits: torch.Tensor, top_p: float, generator: torch.Generator) -> t
 def write_windows(model: nn.Module, prompts: torch.Tensor, count: int, seq_len: int,
                   seed: int = 0, top_p: float = TOP_P,
                   progress: Progress | None = None) -> torch.Tensor:
-    """``(count, seq_len)`` token ids the model writes, each continuing the first
-    :data:`PROMPT_TOKENS` ids of a row of ``prompts`` (rows cycled), on the CPU."""
-    if prompts.dim() != 2 or prompts.shape[1] < PROMPT_TOKENS or seq_len <= PROMPT_TOKENS:
-        raise ValueError(f"self-written windows need prompts of at least {PROMPT_TOKENS} tokens "
-                         f"and seq_len above {PROMPT_TOKENS}; got prompts {tuple(prompts.shape)}, "
+    """``(count, seq_len)`` token ids the model writes, each continuing a row of ``prompts``
+    (rows cycled; see :func:`prompts_for`), on the CPU."""
+    if prompts.dim() != 2 or prompts.shape[1] < 1 or seq_len <= prompts.shape[1]:
+        raise ValueError(f"self-written windows need prompts of at least 1 token and seq_len "
+                         f"above the prompt length; got prompts {tuple(prompts.shape)}, "
                          f"seq_len {seq_len}")
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     banned = _end_ids(model)
-    starts = prompts[torch.arange(count) % prompts.shape[0], :PROMPT_TOKENS].cpu()
+    starts = prompts[torch.arange(count) % prompts.shape[0]].cpu()
     was_training = model.training
     model.eval()
-    rows, steps = [], seq_len - PROMPT_TOKENS
+    rows, steps = [], seq_len - prompts.shape[1]
     try:
         for batch, chunk in enumerate(starts.split(BATCH_ROWS)):
             tokens, step_input, cache = [chunk], chunk.to(device), DynamicCache()
@@ -98,10 +110,10 @@ def write_windows(model: nn.Module, prompts: torch.Tensor, count: int, seq_len: 
 def cache_path(model: nn.Module, prompts: torch.Tensor, count: int, seq_len: int, seed: int,
                model_id: str = "", cache_root: Path | None = None) -> Path:
     """``<cache_root or cache_dir()>/self_text/<hash>.safetensors`` for these inputs."""
-    starts = prompts[:, :PROMPT_TOKENS].contiguous().cpu().numpy().tobytes()
+    starts = prompts.contiguous().cpu().numpy().tobytes()
     key = json.dumps({"model": model_id, "weights": weights_fingerprint(model), "count": count,
                       "seq_len": seq_len, "seed": seed, "top_p": TOP_P,
-                      "prompt_tokens": PROMPT_TOKENS, "prompts": hashlib.sha256(starts).hexdigest()},
+                      "prompts": [list(prompts.shape), hashlib.sha256(starts).hexdigest()]},
                      sort_keys=True)
     root = cache_dir() if cache_root is None else Path(cache_root)
     return root / "self_text" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.safetensors"

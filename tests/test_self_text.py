@@ -10,8 +10,8 @@ from gqaprune_core import self_text
 from gqaprune_core.config import PruneConfig
 from gqaprune_core.data import calibration_batch
 from gqaprune_core.pipeline import prune_calibration
-from gqaprune_core.self_text import (PROMPT_TOKENS, _sample, cache_path, self_written,
-                                     write_windows, written_count)
+from gqaprune_core.self_text import (DOCUMENT_BREAK, PROMPT_TOKENS, _sample, cache_path,
+                                     prompts_for, self_written, write_windows, written_count)
 
 EOS = 1  # the tiny model's end-of-text id
 
@@ -23,7 +23,7 @@ def private_cache(tmp_path, monkeypatch):
 
 @pytest.fixture
 def prompts():
-    return torch.randint(2, 97, (3, 10), generator=torch.Generator().manual_seed(5))
+    return torch.randint(2, 97, (3, PROMPT_TOKENS), generator=torch.Generator().manual_seed(5))
 
 
 def test_windows_continue_their_prompts_and_are_seeded(make_tiny, prompts):
@@ -31,8 +31,8 @@ def test_windows_continue_their_prompts_and_are_seeded(make_tiny, prompts):
     ids = write_windows(model, prompts, count=5, seq_len=12, seed=7)
     assert model.training  # put back as it was
     assert ids.shape == (5, 12) and ids.dtype == torch.long
-    # rows cycle through the prompts, each starting with its first PROMPT_TOKENS tokens
-    cycled = prompts[[0, 1, 2, 0, 1], :PROMPT_TOKENS]
+    # rows cycle through the prompts, each starting with its prompt
+    cycled = prompts[[0, 1, 2, 0, 1]]
     assert torch.equal(ids[:, :PROMPT_TOKENS], cycled)
     assert not (ids[:, PROMPT_TOKENS:] == EOS).any()  # end-of-text never sampled
     assert torch.equal(ids, write_windows(model, prompts, count=5, seq_len=12, seed=7))
@@ -95,13 +95,34 @@ def test_the_prune_stage_adds_the_share_of_written_windows(make_tiny, tiny_token
     assert batch.shape == (6 + written_count(0.5, 6), 16) == (9, 16)
     assert torch.equal(batch[:6], real)
     assert torch.equal(batch[6:, :PROMPT_TOKENS], real[:3, :PROMPT_TOKENS])
+    assert torch.equal(batch[6:, :PROMPT_TOKENS], prompts_for(real, tiny_tokenizer)[:3])
     assert set(stages) == {"self_text"}
     with pytest.raises(ValueError, match="self_text_share=5.0"):
         config.with_(self_text_share=5.0)
 
 
 def test_too_short_prompts_or_windows_are_refused(make_tiny):
-    with pytest.raises(ValueError, match="at least 4 tokens"):
-        write_windows(make_tiny(), torch.zeros(2, 3, dtype=torch.long), 2, 10)
+    with pytest.raises(ValueError, match="at least 1 token"):
+        write_windows(make_tiny(), torch.zeros(2, 0, dtype=torch.long), 2, 10)
     with pytest.raises(ValueError, match="seq_len 4"):
         write_windows(make_tiny(), torch.zeros(2, 8, dtype=torch.long), 2, 4)
+
+
+def test_prompts_are_heads_of_real_windows_or_one_document_break(make_tiny, tiny_tokenizer,
+                                                               monkeypatch):
+    """With PROMPT_TOKENS 0 every window starts where a new document would (the corpora's own
+    separator), whatever the real windows hold; the cache tells the two kinds of prompt apart."""
+    real = calibration_batch(tiny_tokenizer, "pydoc", 3, 16, 0)
+    assert torch.equal(prompts_for(real, tiny_tokenizer), real[:, :PROMPT_TOKENS])
+    monkeypatch.setattr(self_text, "PROMPT_TOKENS", 1)
+    assert torch.equal(prompts_for(real, tiny_tokenizer), real[:, :1])
+    monkeypatch.setattr(self_text, "PROMPT_TOKENS", 0)
+    document = tiny_tokenizer(DOCUMENT_BREAK, add_special_tokens=False)["input_ids"]
+    starts = prompts_for(real, tiny_tokenizer)
+    assert starts.tolist() == [document] * 3
+    model = make_tiny()
+    ids = self_written(model, starts, 4, 16, seed=1, model_id="tiny")
+    assert ids[:, :len(document)].tolist() == [document] * 4
+    assert len(set(map(tuple, ids.tolist()))) == 4  # one prompt, four different windows
+    assert cache_path(model, starts, 4, 16, 1, "tiny") != cache_path(model, real[:, :1], 4, 16,
+                                                                      1, "tiny")
