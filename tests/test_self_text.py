@@ -10,7 +10,7 @@ from gqaprune_core import self_text
 from gqaprune_core.config import PruneConfig
 from gqaprune_core.data import calibration_batch
 from gqaprune_core.pipeline import prune_calibration
-from gqaprune_core.self_text import (DOCUMENT_BREAK, PROMPT_TOKENS, _sample, cache_path,
+from gqaprune_core.self_text import (DOCUMENT_BREAK, _sample, cache_path,
                                      prompts_for, self_written, write_windows, written_count)
 
 EOS = 1  # the tiny model's end-of-text id
@@ -23,7 +23,7 @@ def private_cache(tmp_path, monkeypatch):
 
 @pytest.fixture
 def prompts():
-    return torch.randint(2, 97, (3, PROMPT_TOKENS), generator=torch.Generator().manual_seed(5))
+    return torch.randint(2, 97, (3, 4), generator=torch.Generator().manual_seed(5))
 
 
 def test_windows_continue_their_prompts_and_are_seeded(make_tiny, prompts):
@@ -33,8 +33,8 @@ def test_windows_continue_their_prompts_and_are_seeded(make_tiny, prompts):
     assert ids.shape == (5, 12) and ids.dtype == torch.long
     # rows cycle through the prompts, each starting with its prompt
     cycled = prompts[[0, 1, 2, 0, 1]]
-    assert torch.equal(ids[:, :PROMPT_TOKENS], cycled)
-    assert not (ids[:, PROMPT_TOKENS:] == EOS).any()  # end-of-text never sampled
+    assert torch.equal(ids[:, :4], cycled)
+    assert not (ids[:, 4:] == EOS).any()  # end-of-text never sampled
     assert torch.equal(ids, write_windows(model, prompts, count=5, seq_len=12, seed=7))
     assert not torch.equal(ids, write_windows(model, prompts, count=5, seq_len=12, seed=8))
 
@@ -48,9 +48,9 @@ def test_a_nucleus_of_one_token_writes_what_the_whole_prefix_predicts(make_tiny,
     monkeypatch.setattr(self_text, "BATCH_ROWS", 2)  # two row blocks
     ids = write_windows(model, prompts, count=3, seq_len=14, seed=0, top_p=1e-9)
     with torch.no_grad():
-        logits = model(ids).logits[:, PROMPT_TOKENS - 1:-1].clone()
+        logits = model(ids).logits[:, 3:-1].clone()
     logits[..., EOS] = float("-inf")
-    assert torch.equal(ids[:, PROMPT_TOKENS:], logits.argmax(-1))
+    assert torch.equal(ids[:, 4:], logits.argmax(-1))
 
 
 def test_sampling_stays_inside_the_nucleus():
@@ -94,8 +94,8 @@ def test_the_prune_stage_adds_the_share_of_written_windows(make_tiny, tiny_token
                               lambda stage, done, total: stages.append(stage))
     assert batch.shape == (6 + written_count(0.5, 6), 16) == (9, 16)
     assert torch.equal(batch[:6], real)
-    assert torch.equal(batch[6:, :PROMPT_TOKENS], real[:3, :PROMPT_TOKENS])
-    assert torch.equal(batch[6:, :PROMPT_TOKENS], prompts_for(real, tiny_tokenizer)[:3])
+    starts = prompts_for(real, tiny_tokenizer)
+    assert torch.equal(batch[6:, :starts.shape[1]], starts[:3])
     assert set(stages) == {"self_text"}
     with pytest.raises(ValueError, match="self_text_share=5.0"):
         config.with_(self_text_share=5.0)
@@ -113,7 +113,8 @@ def test_prompts_are_heads_of_real_windows_or_one_document_break(make_tiny, tiny
     """With PROMPT_TOKENS 0 every window starts where a new document would (the corpora's own
     separator), whatever the real windows hold; the cache tells the two kinds of prompt apart."""
     real = calibration_batch(tiny_tokenizer, "pydoc", 3, 16, 0)
-    assert torch.equal(prompts_for(real, tiny_tokenizer), real[:, :PROMPT_TOKENS])
+    monkeypatch.setattr(self_text, "PROMPT_TOKENS", 4)
+    assert torch.equal(prompts_for(real, tiny_tokenizer), real[:, :4])
     monkeypatch.setattr(self_text, "PROMPT_TOKENS", 1)
     assert torch.equal(prompts_for(real, tiny_tokenizer), real[:, :1])
     monkeypatch.setattr(self_text, "PROMPT_TOKENS", 0)
