@@ -96,10 +96,10 @@ def run_settings() -> tuple[PruneConfig, str, int] | None:
             self_share = a.number_input(
                 "Self-written windows per real one", 0.0, 4.0, float(preset.self_text_share),
                 step=0.25, key="run_self_text",
-                help="Windows the dense model writes itself, each continuing 4 tokens of a real "
-                     "one, added to the calibration text: the prune then answers to text in "
-                     "general, not only to the calibration corpus. Written once per model and "
-                     "settings (cached); on a CPU, minutes for the default preset's 128.")
+                help="Windows the dense model writes itself, each from a document break, added "
+                     "to the calibration text: the prune then answers to text in general, not "
+                     "only to the calibration corpus. Written once per model and window count "
+                     "(cached); on a CPU, minutes for the default preset's 128.")
             eval_len = b.number_input("Evaluation window (tokens)", 16, 4096, d["eval_seq_len"],
                                       step=16, key="run_eval_len")
             windows = b.number_input("Evaluation windows per corpus", 1, 512,
