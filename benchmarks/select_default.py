@@ -94,10 +94,12 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "default/self-1": (DPW, {"self_text_share": 1.0}),
     "default/self-0.5": (DPW, {"self_text_share": 0.5}),
     "default/real-text": (DPW, {"self_text_share": 0.0}),
-    # ninth round: more of the model's own text
+    # ninth round: more of the model's own text; its windows prompted by 1 token of a real
+    # window, or by a document break alone (the default since), or by 4 tokens (the eighth's)
     "default/self-2": (DPW, {"self_text_share": 2.0}),
     "default/self-1/prompt-1": (DPW, {}),
     "default/self-1/prompt-0": (DPW, {}),
+    "default/self-1/prompt-4": (DPW, {}),  # the eighth round's default
     "nw/ridge-0.1": (NW, {"refit_ridge": 0.1}),
     "nw/ridge-0.3": (NW, {"refit_ridge": 0.3}),
     "nw/ridge-1": (NW, {"refit_ridge": 1.0}),
@@ -114,6 +116,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
 CONSTANTS: dict[str, dict[str, object]] = {
     "default/self-1/prompt-1": {"gqaprune_core.self_text.PROMPT_TOKENS": 1},
     "default/self-1/prompt-0": {"gqaprune_core.self_text.PROMPT_TOKENS": 0},
+    "default/self-1/prompt-4": {"gqaprune_core.self_text.PROMPT_TOKENS": 4},
 }
 
 KINDS = {"news": "sel-demo", "pydoc": "sel-pydoc", "wiki": "sel-wiki"}

@@ -254,8 +254,9 @@ def run_pipeline(config: PruneConfig, model: nn.Module | None = None, tokenizer=
 def prune_calibration(config: PruneConfig, model: nn.Module, tokenizer,
                       progress: Progress | None = None) -> torch.Tensor:
     """The prune stage's windows: ``num_examples`` real ones of the calibration corpus, then
-    ``self_text_share`` as many written by ``model`` (dense: call it before any cut), prompted
-    by them (stage ``self_text``; read from the disk cache when written before)."""
+    ``self_text_share`` as many written by ``model`` (dense: call it before any cut; prompts:
+    ``self_text.prompts_for``), stage ``self_text``, read from the disk cache when written
+    before."""
     real = calibration_batch(tokenizer, config.calibration_dataset, config.num_examples,
                              config.seq_len, config.seed)
     count = written_count(config.self_text_share, real.shape[0])

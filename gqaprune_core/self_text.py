@@ -58,6 +58,8 @@ def prompts_for(real: torch.Tensor, tokenizer) -> torch.Tensor:
     if PROMPT_TOKENS > 0:
         return real[:, :PROMPT_TOKENS]
     ids = tokenizer(DOCUMENT_BREAK, add_special_tokens=False)["input_ids"]
+    if not ids:  # a tokenizer that drops blank lines: the first token of each real window
+        return real[:, :1]
     return torch.tensor(ids, dtype=torch.long).expand(real.shape[0], -1)
 
 

@@ -121,6 +121,11 @@ def test_prompts_are_heads_of_real_windows_or_one_document_break(make_tiny, tiny
     document = tiny_tokenizer(DOCUMENT_BREAK, add_special_tokens=False)["input_ids"]
     starts = prompts_for(real, tiny_tokenizer)
     assert starts.tolist() == [document] * 3
+
+    def blank_lines_dropped(text, add_special_tokens=False):
+        return {"input_ids": []}
+
+    assert torch.equal(prompts_for(real, blank_lines_dropped), real[:, :1])
     model = make_tiny()
     ids = self_written(model, starts, 4, 16, seed=1, model_id="tiny")
     assert ids[:, :len(document)].tolist() == [document] * 4
