@@ -36,7 +36,7 @@ import torch  # noqa: E402
 
 from common import (RESULTS_DIR, Timer, header, log, read_json, same_settings,  # noqa: E402
                     set_threads, write_json)
-from gqaprune_core import data  # noqa: E402
+from gqaprune_core import data, self_text  # noqa: E402
 from gqaprune_core.config import PRESETS, PruneConfig  # noqa: E402
 from gqaprune_core.evaluate import perplexity  # noqa: E402
 from gqaprune_core.models import count_parameters, load_model  # noqa: E402
@@ -147,14 +147,21 @@ def unseen_summary(results: dict) -> dict:
             for variant, sets in by_variant.items()}
 
 
+def self_text_settings() -> dict:
+    """How the self-written windows are written now (module constants, not config fields)."""
+    return {"prompt_tokens": self_text.PROMPT_TOKENS, "top_p": self_text.TOP_P}
+
+
 def with_new_fields(previous: dict | None) -> dict | None:
     """``previous`` with the config fields added since it was written, at PruneConfig's own
     values (a new setting starts off: a run made before it existed is a run with it off), so
-    that a resumed run keeps results the new field cannot have changed."""
+    that a resumed run keeps results the new field cannot have changed; a file from before
+    ``settings.self_text`` was recorded wrote its windows from 4-token prompts."""
     if not previous or "base" not in previous.get("settings", {}):
         return previous
     base = PruneConfig().to_dict() | previous["settings"]["base"]
-    return previous | {"settings": previous["settings"] | {"base": base}}
+    written = {"prompt_tokens": 4, "top_p": 0.95} | previous["settings"].get("self_text", {})
+    return previous | {"settings": previous["settings"] | {"base": base, "self_text": written}}
 
 
 @contextlib.contextmanager
@@ -237,7 +244,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = header(None if argv is None else ["benchmarks/select_default.py", *argv])
     out["settings"] = {"ratio": args.ratio, "fit_fraction": FIT_FRACTION,
                        "windows": {n: list(w.shape) for n, w in windows.items()},
-                       "base": BASE.to_dict()}
+                       "base": BASE.to_dict(), "self_text": self_text_settings()}
     same = same_settings(with_new_fields(previous), out["settings"])
     out["dense"] = previous["dense"] if same else {
         n: perplexity(model, w, corpus=n).value for n, w in windows.items()}

@@ -200,12 +200,30 @@ def test_a_results_file_from_before_a_new_setting_is_resumed_with_the_setting_of
     old_base = {k: v for k, v in base.items() if k != "self_text_share"}
     previous = json.loads(json.dumps(  # as read back from the file
         {"settings": {"ratio": 0.3, "base": old_base}, "results": {"a": {}}}))
-    assert not same_settings(previous, {"ratio": 0.3, "base": base})
-    assert same_settings(select_default.with_new_fields(previous), {"ratio": 0.3, "base": base})
+    then = {"prompt_tokens": 4, "top_p": 0.95}  # before settings.self_text was written
+    assert not same_settings(previous, {"ratio": 0.3, "base": base, "self_text": then})
+    assert same_settings(select_default.with_new_fields(previous),
+                         {"ratio": 0.3, "base": base, "self_text": then})
     turned_on = base | {"self_text_share": 1.0}
     assert not same_settings(select_default.with_new_fields(previous),
-                             {"ratio": 0.3, "base": turned_on})
+                             {"ratio": 0.3, "base": turned_on, "self_text": then})
     assert select_default.with_new_fields(None) is None
+
+
+def test_a_results_file_written_with_other_self_text_prompts_is_not_resumed():
+    """The written windows' prompt length is a module constant, not a config field: the
+    settings record it, so a file of 4-token prompts never answers for today's default."""
+    import select_default
+    from common import same_settings
+
+    base = select_default.BASE.to_dict()
+    now = {"ratio": 0.2, "base": base, "self_text": select_default.self_text_settings()}
+    eighth_round = json.loads(json.dumps({"settings": {"ratio": 0.2, "base": base}}))
+    resumed = select_default.with_new_fields(eighth_round)
+    assert resumed["settings"]["self_text"]["prompt_tokens"] == 4
+    assert same_settings(resumed, now) == (select_default.self_text.PROMPT_TOKENS == 4)
+    with select_default.constants({"gqaprune_core.self_text.PROMPT_TOKENS": 4}):
+        assert same_settings(resumed, now | {"self_text": select_default.self_text_settings()})
 
 
 def test_a_variants_module_constants_hold_for_its_run_only():
