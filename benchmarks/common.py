@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from gqaprune_core.outputs import write_text_atomic
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 
@@ -67,18 +69,7 @@ def header(argv: list[str] | None = None) -> dict:
 def write_json(path: str | os.PathLike, data: dict) -> Path:
     """Write ``data`` atomically (temporary file, then rename), so a crash mid-run leaves the
     previous complete file. Returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            json.dump(data, file, indent=1)
-            file.write("\n")
-        os.replace(staging, path)
-    except BaseException:
-        Path(staging).unlink(missing_ok=True)
-        raise
-    return path
+    return write_text_atomic(Path(path), json.dumps(data, indent=1) + "\n")
 
 
 def read_json(path: str | os.PathLike) -> dict | None:
