@@ -100,6 +100,9 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "default/self-1/prompt-1": (DPW, {}),
     "default/self-1/prompt-0": (DPW, {}),
     "default/self-1/prompt-4": (DPW, {}),  # the eighth round's default
+    # tenth round: half as many written windows; sampled from the whole distribution (top-p 1)
+    "default/self-0.5/prompt-0": (DPW, {"self_text_share": 0.5}),
+    "default/self-1/top-p-1": (DPW, {}),
     "nw/ridge-0.1": (NW, {"refit_ridge": 0.1}),
     "nw/ridge-0.3": (NW, {"refit_ridge": 0.3}),
     "nw/ridge-1": (NW, {"refit_ridge": 1.0}),
@@ -117,6 +120,9 @@ CONSTANTS: dict[str, dict[str, object]] = {
     "default/self-1/prompt-1": {"gqaprune_core.self_text.PROMPT_TOKENS": 1},
     "default/self-1/prompt-0": {"gqaprune_core.self_text.PROMPT_TOKENS": 0},
     "default/self-1/prompt-4": {"gqaprune_core.self_text.PROMPT_TOKENS": 4},
+    "default/self-0.5/prompt-0": {"gqaprune_core.self_text.PROMPT_TOKENS": 0},
+    "default/self-1/top-p-1": {"gqaprune_core.self_text.PROMPT_TOKENS": 0,
+                               "gqaprune_core.self_text.TOP_P": 1.0},
 }
 
 KINDS = {"news": "sel-demo", "pydoc": "sel-pydoc", "wiki": "sel-wiki"}

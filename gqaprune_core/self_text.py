@@ -82,10 +82,12 @@ def _sample(logits: torch.Tensor, top_p: float, generator: torch.Generator) -> t
 
 @torch.no_grad()
 def write_windows(model: nn.Module, prompts: torch.Tensor, count: int, seq_len: int,
-                  seed: int = 0, top_p: float = TOP_P,
+                  seed: int = 0, top_p: float | None = None,
                   progress: Progress | None = None) -> torch.Tensor:
     """``(count, seq_len)`` token ids the model writes, each continuing a row of ``prompts``
-    (rows cycled; see :func:`prompts_for`), on the CPU."""
+    (rows cycled; see :func:`prompts_for`), on the CPU; ``top_p`` None: :data:`TOP_P` as it
+    is at the call (the cache key reads it there too)."""
+    top_p = TOP_P if top_p is None else top_p
     if prompts.dim() != 2 or prompts.shape[1] < 1 or seq_len <= prompts.shape[1]:
         raise ValueError(f"self-written windows need prompts of at least 1 token and seq_len "
                          f"above the prompt length; got prompts {tuple(prompts.shape)}, "

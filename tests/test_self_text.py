@@ -53,6 +53,18 @@ def test_a_nucleus_of_one_token_writes_what_the_whole_prefix_predicts(make_tiny,
     assert torch.equal(ids[:, 4:], logits.argmax(-1))
 
 
+def test_the_nucleus_is_read_when_the_windows_are_written(make_tiny, prompts, monkeypatch):
+    """``TOP_P`` set after import (a benchmark variant does) reaches the sampler and the cache
+    key alike, so a cached file never holds windows of another nucleus."""
+    model = make_tiny()
+    greedy = write_windows(model, prompts, count=3, seq_len=14, seed=0, top_p=1e-9)
+    key = cache_path(model, prompts, 3, 14, 0)
+    monkeypatch.setattr(self_text, "TOP_P", 1e-9)
+    assert torch.equal(write_windows(model, prompts, count=3, seq_len=14, seed=0), greedy)
+    assert torch.equal(self_written(model, prompts, 3, 14, seed=0), greedy)
+    assert cache_path(model, prompts, 3, 14, 0) != key
+
+
 def test_sampling_stays_inside_the_nucleus():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(400, 1)
     picks = _sample(logits, 0.8, torch.Generator().manual_seed(0)).flatten()
