@@ -8,8 +8,9 @@ re-fit answer to text in general, not only to the calibration corpus.
 
 Each written window starts at a document break (:data:`DOCUMENT_BREAK`, the blank line the
 corpora join their documents with: :func:`prompts_for`), so the model alone chooses what to
-write, and is sampled at temperature 1 with nucleus ``top_p`` and end-of-text tokens
-suppressed, so every window has the real ones' length. Sampling uses its own seeded
+write, and is sampled at temperature 1 from the nucleus :data:`TOP_P` (the whole
+distribution by default) with end-of-text tokens suppressed, so every window has the real
+ones' length. Sampling uses its own seeded
 generator: the same model, prompts and seed give the same windows on every run. The windows
 are cached on disk (``cache_dir()/self_text``), keyed by the weights' fingerprint, the prompts
 and the settings; they do not depend on the calibration text, so the quality gate's prunes,
@@ -40,7 +41,9 @@ from gqaprune_core.outputs import write_atomic
 # calibration text; BENCHMARKS.md, "Ninth round")
 PROMPT_TOKENS = 0
 DOCUMENT_BREAK = "\n\n"  # how the corpora join their documents (data.calibration_batch)
-TOP_P = 0.95
+# the nucleus the written tokens are sampled from; 1: the model's whole distribution. The same
+# protocol: top-p 0.95 2.67, 1 2.61 (the licenses 4-6 % better; BENCHMARKS.md, "Tenth round")
+TOP_P = 1.0
 BATCH_ROWS = 32
 
 Progress = Callable[[int, int], None]

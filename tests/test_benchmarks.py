@@ -212,7 +212,8 @@ def test_a_results_file_from_before_a_new_setting_is_resumed_with_the_setting_of
 
 def test_a_results_file_written_with_other_self_text_prompts_is_not_resumed():
     """The written windows' prompt length is a module constant, not a config field: the
-    settings record it, so a file of 4-token prompts never answers for today's default."""
+    settings record it, so a file of 4-token prompts (or another nucleus) never answers for
+    today's default."""
     import select_default
     from common import same_settings
 
@@ -220,10 +221,15 @@ def test_a_results_file_written_with_other_self_text_prompts_is_not_resumed():
     now = {"ratio": 0.2, "base": base, "self_text": select_default.self_text_settings()}
     eighth_round = json.loads(json.dumps({"settings": {"ratio": 0.2, "base": base}}))
     resumed = select_default.with_new_fields(eighth_round)
-    assert resumed["settings"]["self_text"]["prompt_tokens"] == 4
-    assert same_settings(resumed, now) == (select_default.self_text.PROMPT_TOKENS == 4)
-    with select_default.constants({"gqaprune_core.self_text.PROMPT_TOKENS": 4}):
+    eighth = {"prompt_tokens": 4, "top_p": 0.95}
+    assert resumed["settings"]["self_text"] == eighth
+    assert same_settings(resumed, now) == (select_default.self_text_settings() == eighth)
+    with select_default.constants({"gqaprune_core.self_text.PROMPT_TOKENS": 4,
+                                   "gqaprune_core.self_text.TOP_P": 0.95}):
         assert same_settings(resumed, now | {"self_text": select_default.self_text_settings()})
+    with select_default.constants({"gqaprune_core.self_text.PROMPT_TOKENS": 4}):  # nucleus 1
+        assert not same_settings(resumed,
+                                 now | {"self_text": select_default.self_text_settings()})
 
 
 def test_a_variants_module_constants_hold_for_its_run_only():
@@ -233,14 +239,15 @@ def test_a_variants_module_constants_hold_for_its_run_only():
 
     from gqaprune_core import self_text
 
-    before = self_text.PROMPT_TOKENS
+    before, top_p = self_text.PROMPT_TOKENS, self_text.TOP_P
     with select_default.constants({"gqaprune_core.self_text.PROMPT_TOKENS": before + 3}):
         assert self_text.PROMPT_TOKENS == before + 3
     assert self_text.PROMPT_TOKENS == before
     with pytest.raises(RuntimeError), \
-            select_default.constants({"gqaprune_core.self_text.TOP_P": 0.5}):
+            select_default.constants({"gqaprune_core.self_text.TOP_P": top_p / 2}):
+        assert self_text.TOP_P == top_p / 2
         raise RuntimeError
-    assert self_text.TOP_P == 0.95
+    assert self_text.TOP_P == top_p
     with pytest.raises(AttributeError):
         with select_default.constants({"gqaprune_core.self_text.NO_SUCH_NAME": 1}):
             pass
