@@ -11,11 +11,10 @@ corpora join their documents with: :func:`prompts_for`), so the model alone choo
 write, and is sampled at temperature 1 from the nucleus :data:`TOP_P` (the whole
 distribution by default) with end-of-text tokens suppressed, so every window has the real
 ones' length. Sampling uses its own seeded generator: the same model, prompts and seed give
-the same windows on every run. The windows
-are cached on disk (``cache_dir()/self_text``), keyed by the weights' fingerprint, the prompts
-and the settings; they do not depend on the calibration text, so the quality gate's prunes,
-the app's reruns, other calibration mixes and a repeated command write them once per model
-and window count.
+the same windows on every run. The windows are cached on disk (``cache_dir()/self_text``),
+keyed by the weights' fingerprint, the prompts and the settings; they do not depend on the
+calibration text, so the quality gate's prunes, the app's reruns, other calibration mixes and
+a repeated command write them once per model and window count.
 """
 
 from __future__ import annotations
