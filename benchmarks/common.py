@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import shlex
+import subprocess
 import sys
 import tempfile
 import threading
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from gqaprune_core import self_text
 from gqaprune_core.outputs import write_text_atomic
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -56,13 +58,33 @@ def machine() -> dict:
     return info
 
 
+def code_version() -> dict | None:
+    """The commit the benchmark ran from and whether tracked files differed from it (a number
+    measured from uncommitted code says so); None outside a git checkout."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                              check=True, timeout=30).stdout.strip()
+    try:
+        return {"commit": git("rev-parse", "HEAD"),
+                "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def self_text_settings() -> dict:
+    """How the self-written windows are written now (module constants, not config fields)."""
+    return {"prompt_tokens": self_text.PROMPT_TOKENS, "top_p": self_text.TOP_P}
+
+
 def header(argv: list[str] | None = None) -> dict:
-    """Date, machine and the exact command, the first keys of every results file."""
+    """Date, machine, code version and the exact command, the first keys of every results
+    file."""
     argv = sys.argv if argv is None else argv
     return {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": "python " + shlex.join(argv),
         "machine": machine(),
+        "code": code_version(),
     }
 
 

@@ -27,7 +27,7 @@ import torch  # noqa: E402
 
 from baselines import depth_prune_, global_taylor_plan  # noqa: E402
 from common import (RESULTS_DIR, PeakRSS, Timer, default_preset, header, log, mib,  # noqa: E402
-                    read_json, set_threads, write_json)
+                    read_json, self_text_settings, set_threads, write_json)
 from gqaprune_core.config import PRESETS, PruneConfig  # noqa: E402
 from gqaprune_core.data import calibration_batch, evaluation_windows  # noqa: E402
 from gqaprune_core.evaluate import perplexity  # noqa: E402
@@ -127,6 +127,7 @@ def run_library_method(method: str, model, tokenizer, ratio: float, args) -> tup
     result = run_pipeline(config, model, tokenizer, importance=importance, copy_model=True,
                           evaluate=False)
     details = {"config": config.to_dict(), "notes": notes + more,
+               "self_text": self_text_settings() if config.self_text_share else None,
                "layer_importance": importance.method,
                "groups_kept": list(result.allocation.groups_to_keep),
                "channels_kept": list(result.allocation.channels_to_keep),

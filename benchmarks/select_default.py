@@ -35,8 +35,8 @@ sys.path[:0] = [str(HERE), str(HERE.parent)]
 import torch  # noqa: E402
 
 from common import (RESULTS_DIR, Timer, header, log, read_json, same_settings,  # noqa: E402
-                    set_threads, write_json)
-from gqaprune_core import data, self_text  # noqa: E402
+                    self_text_settings, set_threads, write_json)
+from gqaprune_core import data  # noqa: E402
 from gqaprune_core.config import PRESETS, PruneConfig  # noqa: E402
 from gqaprune_core.evaluate import perplexity  # noqa: E402
 from gqaprune_core.models import count_parameters, load_model  # noqa: E402
@@ -151,11 +151,6 @@ def unseen_summary(results: dict) -> dict:
     return {variant: {kind: round(math.exp(sum(map(math.log, v)) / len(v)), 4)
                       for kind, v in sets.items()} | {"folds": len(sets["fitted"]) // 2}
             for variant, sets in by_variant.items()}
-
-
-def self_text_settings() -> dict:
-    """How the self-written windows are written now (module constants, not config fields)."""
-    return {"prompt_tokens": self_text.PROMPT_TOKENS, "top_p": self_text.TOP_P}
 
 
 def with_new_fields(previous: dict | None) -> dict | None:

@@ -26,7 +26,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
-from common import RESULTS_DIR, Timer, header, log, read_json, set_threads, write_json  # noqa: E402
+from common import (RESULTS_DIR, Timer, header, log, read_json, self_text_settings,  # noqa: E402
+                    set_threads, write_json)
 from gqaprune_core.config import PRESETS  # noqa: E402
 from gqaprune_core.sensitivity.profile import ProfileSettings  # noqa: E402
 
@@ -171,6 +172,7 @@ def run_measure(args) -> dict:
                  "groups_kept": list(result.allocation.groups_to_keep),
                  "channels_kept": list(result.allocation.channels_to_keep),
                  "ratio_achieved_total": round(result.report["ratio_achieved_total"], 5),
+                 "self_text": self_text_settings() if config.self_text_share else None,
                  **validate(result.model, windows, dense)}
         seen = [entry["ratio"][n] for n in ("sel-demo", "sel-pydoc", "sel-wiki")]
         entry["geo_mean_fitted_kinds"] = round(math.exp(sum(map(math.log, seen)) / 3), 4)

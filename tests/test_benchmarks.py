@@ -51,7 +51,7 @@ def test_quality_script_on_tiny_model(corpus, tmp_path):
     saved = json.loads(out.read_text())
     assert len(saved["results"]) == len(data["results"]) == 3
     assert out.with_suffix(".png").is_file()
-    assert {"date", "command", "machine"} <= set(saved)
+    assert {"date", "command", "machine", "code"} <= set(saved)
     dense = saved["dense"]["params"]
     for entry in saved["results"]:
         assert entry["within_tolerance"], entry["method"]
@@ -72,6 +72,25 @@ def test_quality_script_recovery_row(corpus, tmp_path):
     assert entry["within_tolerance"] and "ppl" in entry
     assert entry["details"]["recovery"]["steps_done"] == 1
     assert entry["details"]["config"]["recovery"] == "lora"
+    from gqaprune_core import self_text
+    assert entry["details"]["config"]["self_text_share"] > 0
+    assert entry["details"]["self_text"] == {"prompt_tokens": self_text.PROMPT_TOKENS,
+                                             "top_p": self_text.TOP_P}
+
+
+def test_results_name_the_commit_they_were_measured_at(tmp_path, monkeypatch):
+    """Every results file records the commit and whether tracked files differed from it;
+    outside a git checkout it says so (None) instead of failing."""
+    import common
+
+    if not (common.REPO_ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    code = common.code_version()
+    assert len(code["commit"]) == 40 and int(code["commit"], 16) >= 0
+    assert isinstance(code["dirty"], bool)
+    monkeypatch.setattr(common, "REPO_ROOT", tmp_path)
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
+    assert common.code_version() is None
 
 
 def test_speed_script_on_tiny_llama(corpus, tmp_path):
