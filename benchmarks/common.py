@@ -73,7 +73,8 @@ def code_version() -> dict | None:
 
 def self_text_settings() -> dict:
     """How the self-written windows are written now (module constants, not config fields)."""
-    return {"prompt_tokens": self_text.PROMPT_TOKENS, "top_p": self_text.TOP_P}
+    return {"prompt_tokens": self_text.PROMPT_TOKENS, "top_p": self_text.TOP_P,
+            "temperature": self_text.TEMPERATURE}
 
 
 def header(argv: list[str] | None = None) -> dict:

@@ -103,6 +103,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     # tenth round: half as many written windows; sampled from the whole distribution (top-p 1)
     "default/self-0.5/prompt-0": (DPW, {"self_text_share": 0.5}),
     "default/self-1/top-p-1": (DPW, {}),
+    # eleventh round: the written windows sampled at temperature 1.2 (flatter than the model)
+    "default/self-1/temp-1.2": (DPW, {}),
     "nw/ridge-0.1": (NW, {"refit_ridge": 0.1}),
     "nw/ridge-0.3": (NW, {"refit_ridge": 0.3}),
     "nw/ridge-1": (NW, {"refit_ridge": 1.0}),
@@ -123,6 +125,7 @@ CONSTANTS: dict[str, dict[str, object]] = {
     "default/self-0.5/prompt-0": {"gqaprune_core.self_text.PROMPT_TOKENS": 0},
     "default/self-1/top-p-1": {"gqaprune_core.self_text.PROMPT_TOKENS": 0,
                                "gqaprune_core.self_text.TOP_P": 1.0},
+    "default/self-1/temp-1.2": {"gqaprune_core.self_text.TEMPERATURE": 1.2},
 }
 
 KINDS = {"news": "sel-demo", "pydoc": "sel-pydoc", "wiki": "sel-wiki"}
@@ -157,11 +160,13 @@ def with_new_fields(previous: dict | None) -> dict | None:
     """``previous`` with the config fields added since it was written, at PruneConfig's own
     values (a new setting starts off: a run made before it existed is a run with it off), so
     that a resumed run keeps results the new field cannot have changed; a file from before
-    ``settings.self_text`` was recorded wrote its windows from 4-token prompts."""
+    ``settings.self_text`` was recorded wrote its windows from 4-token prompts (top-p 0.95),
+    one from before its temperature was recorded at temperature 1."""
     if not previous or "base" not in previous.get("settings", {}):
         return previous
     base = PruneConfig().to_dict() | previous["settings"]["base"]
-    written = {"prompt_tokens": 4, "top_p": 0.95} | previous["settings"].get("self_text", {})
+    written = ({"prompt_tokens": 4, "top_p": 0.95, "temperature": 1.0}
+               | previous["settings"].get("self_text", {}))
     return previous | {"settings": previous["settings"] | {"base": base, "self_text": written}}
 
 

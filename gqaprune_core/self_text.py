@@ -8,7 +8,7 @@ re-fit answer to text in general, not only to the calibration corpus.
 
 Each written window starts at a document break (:data:`DOCUMENT_BREAK`, the blank line the
 corpora join their documents with: :func:`prompts_for`), so the model alone chooses what to
-write, and is sampled at temperature 1 from the nucleus :data:`TOP_P` (the whole
+write, and is sampled at :data:`TEMPERATURE` (1) from the nucleus :data:`TOP_P` (the whole
 distribution by default) with end-of-text tokens suppressed, so every window has the real
 ones' length. Sampling uses its own seeded generator: the same model, prompts and seed give
 the same windows on every run. The windows are cached on disk (``cache_dir()/self_text``),
@@ -44,6 +44,8 @@ DOCUMENT_BREAK = "\n\n"  # how the corpora join their documents (data.calibratio
 # protocol: top-p 0.95 2.67, 1 2.61; with every kind fitted at 20 % a tie on the mean, the
 # unseen licenses 2 % worse (BENCHMARKS.md, "Tenth round")
 TOP_P = 1.0
+# the logits are divided by it before sampling; 1: the model's own distribution
+TEMPERATURE = 1.0
 BATCH_ROWS = 32
 
 Progress = Callable[[int, int], None]
@@ -74,9 +76,12 @@ def _end_ids(model: nn.Module) -> list[int]:
     return sorted(i for i in ids if 0 <= i < model.config.vocab_size)
 
 
-def _sample(logits: torch.Tensor, top_p: float, generator: torch.Generator) -> torch.Tensor:
-    """One token per row from the smallest set of tokens whose probability reaches ``top_p``."""
-    probs, order = torch.sort(torch.softmax(logits.float(), dim=-1), dim=-1, descending=True)
+def _sample(logits: torch.Tensor, top_p: float, generator: torch.Generator,
+            temperature: float = 1.0) -> torch.Tensor:
+    """One token per row from the smallest set of tokens whose probability (after dividing the
+    logits by ``temperature``) reaches ``top_p``."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    probs, order = torch.sort(probs, dim=-1, descending=True)
     outside = probs.cumsum(-1) - probs >= top_p  # the top token always stays
     probs = probs.masked_fill(outside, 0.0)
     picks = torch.multinomial(probs, 1, generator=generator)
@@ -85,12 +90,16 @@ def _sample(logits: torch.Tensor, top_p: float, generator: torch.Generator) -> t
 
 @torch.no_grad()
 def write_windows(model: nn.Module, prompts: torch.Tensor, count: int, seq_len: int,
-                  seed: int = 0, top_p: float | None = None,
+                  seed: int = 0, top_p: float | None = None, temperature: float | None = None,
                   progress: Progress | None = None) -> torch.Tensor:
     """``(count, seq_len)`` token ids the model writes, each continuing a row of ``prompts``
-    (rows cycled; see :func:`prompts_for`), on the CPU; ``top_p`` None: :data:`TOP_P` as it
-    is at the call (the cache key reads it there too)."""
+    (rows cycled; see :func:`prompts_for`), on the CPU; ``top_p`` / ``temperature`` None:
+    :data:`TOP_P` / :data:`TEMPERATURE` as they are at the call (the cache key reads them
+    there too)."""
     top_p = TOP_P if top_p is None else top_p
+    temperature = TEMPERATURE if temperature is None else temperature
+    if not temperature > 0:
+        raise ValueError(f"the written windows' temperature must be above 0; got {temperature}")
     if prompts.dim() != 2 or prompts.shape[1] < 1 or seq_len <= prompts.shape[1]:
         raise ValueError(f"self-written windows need prompts of at least 1 token and seq_len "
                          f"above the prompt length; got prompts {tuple(prompts.shape)}, "
@@ -109,7 +118,7 @@ def write_windows(model: nn.Module, prompts: torch.Tensor, count: int, seq_len: 
                 logits = model(step_input, past_key_values=cache, use_cache=True).logits[:, -1]
                 logits = logits.float().cpu()
                 logits[:, banned] = float("-inf")
-                token = _sample(logits, top_p, generator)
+                token = _sample(logits, top_p, generator, temperature)
                 tokens.append(token)
                 step_input = token.to(device)
                 if progress is not None:
@@ -124,10 +133,12 @@ def cache_path(model: nn.Module, prompts: torch.Tensor, count: int, seq_len: int
                model_id: str = "", cache_root: Path | None = None) -> Path:
     """``<cache_root or cache_dir()>/self_text/<hash>.safetensors`` for these inputs."""
     starts = prompts.contiguous().cpu().numpy().tobytes()
-    key = json.dumps({"model": model_id, "weights": weights_fingerprint(model), "count": count,
-                      "seq_len": seq_len, "seed": seed, "top_p": TOP_P,
-                      "prompts": [list(prompts.shape), hashlib.sha256(starts).hexdigest()]},
-                     sort_keys=True)
+    fields = {"model": model_id, "weights": weights_fingerprint(model), "count": count,
+              "seq_len": seq_len, "seed": seed, "top_p": TOP_P,
+              "prompts": [list(prompts.shape), hashlib.sha256(starts).hexdigest()]}
+    if TEMPERATURE != 1.0:  # absent at 1, so the windows written before it existed stay valid
+        fields["temperature"] = TEMPERATURE
+    key = json.dumps(fields, sort_keys=True)
     root = cache_dir() if cache_root is None else Path(cache_root)
     return root / "self_text" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.safetensors"
 

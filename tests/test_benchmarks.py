@@ -75,7 +75,8 @@ def test_quality_script_recovery_row(corpus, tmp_path):
     from gqaprune_core import self_text
     assert entry["details"]["config"]["self_text_share"] > 0
     assert entry["details"]["self_text"] == {"prompt_tokens": self_text.PROMPT_TOKENS,
-                                             "top_p": self_text.TOP_P}
+                                             "top_p": self_text.TOP_P,
+                                             "temperature": self_text.TEMPERATURE}
 
 
 def test_results_name_the_commit_they_were_measured_at(tmp_path, monkeypatch):
@@ -219,7 +220,7 @@ def test_a_results_file_from_before_a_new_setting_is_resumed_with_the_setting_of
     old_base = {k: v for k, v in base.items() if k != "self_text_share"}
     previous = json.loads(json.dumps(  # as read back from the file
         {"settings": {"ratio": 0.3, "base": old_base}, "results": {"a": {}}}))
-    then = {"prompt_tokens": 4, "top_p": 0.95}  # before settings.self_text was written
+    then = {"prompt_tokens": 4, "top_p": 0.95, "temperature": 1.0}  # before it was written
     assert not same_settings(previous, {"ratio": 0.3, "base": base, "self_text": then})
     assert same_settings(select_default.with_new_fields(previous),
                          {"ratio": 0.3, "base": base, "self_text": then})
@@ -240,7 +241,7 @@ def test_a_results_file_written_with_other_self_text_prompts_is_not_resumed():
     now = {"ratio": 0.2, "base": base, "self_text": select_default.self_text_settings()}
     eighth_round = json.loads(json.dumps({"settings": {"ratio": 0.2, "base": base}}))
     resumed = select_default.with_new_fields(eighth_round)
-    eighth = {"prompt_tokens": 4, "top_p": 0.95}
+    eighth = {"prompt_tokens": 4, "top_p": 0.95, "temperature": 1.0}
     assert resumed["settings"]["self_text"] == eighth
     assert same_settings(resumed, now) == (select_default.self_text_settings() == eighth)
     with select_default.constants({"gqaprune_core.self_text.PROMPT_TOKENS": 4,

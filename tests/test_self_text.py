@@ -65,6 +65,28 @@ def test_the_nucleus_is_read_when_the_windows_are_written(make_tiny, prompts, mo
     assert cache_path(model, prompts, 3, 14, 0) != key
 
 
+def test_the_temperature_flattens_the_sampling_and_is_read_at_the_call(make_tiny, prompts,
+                                                                      monkeypatch):
+    """Logits divided by the temperature before the nucleus: at 2 the probabilities go as their
+    square root; ``TEMPERATURE`` set after import reaches the sampler and the cache key, and set
+    back to 1 gives the default's key again."""
+    logits = torch.log(torch.tensor([[0.64, 0.36]])).repeat(2000, 1)
+    picks = _sample(logits, 1.0, torch.Generator().manual_seed(0), temperature=2.0)
+    share = (picks == 0).float().mean().item()
+    assert 0.54 < share < 0.61  # 0.8 / (0.8 + 0.6) = 0.571, against 0.64 at temperature 1
+    model = make_tiny()
+    key = cache_path(model, prompts, 3, 14, 0)
+    hot = write_windows(model, prompts, count=3, seq_len=14, seed=0, temperature=5.0)
+    assert not torch.equal(hot, write_windows(model, prompts, count=3, seq_len=14, seed=0))
+    monkeypatch.setattr(self_text, "TEMPERATURE", 5.0)
+    assert torch.equal(write_windows(model, prompts, count=3, seq_len=14, seed=0), hot)
+    assert cache_path(model, prompts, 3, 14, 0) != key
+    monkeypatch.setattr(self_text, "TEMPERATURE", 1.0)
+    assert cache_path(model, prompts, 3, 14, 0) == key
+    with pytest.raises(ValueError, match="temperature must be above 0; got 0"):
+        write_windows(model, prompts, count=3, seq_len=14, temperature=0.0)
+
+
 def test_sampling_stays_inside_the_nucleus():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(400, 1)
     picks = _sample(logits, 0.8, torch.Generator().manual_seed(0)).flatten()
