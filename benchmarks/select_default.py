@@ -105,6 +105,11 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "default/self-1/top-p-1": (DPW, {}),
     # eleventh round: the written windows sampled at temperature 1.2 (flatter than the model)
     "default/self-1/temp-1.2": (DPW, {}),
+    # twelfth round, leave-one-out at 20 %: the default the issue measured its 1.84x with (the
+    # scale of the goal estimate) and the ninth round's nucleus (0.95) against the default's 1
+    "before-issue-16": (DPW, {"alpha": 2.0, "channel_selection": "energy", "refit_feedback": 0.0,
+                              "self_text_share": 0.0}),
+    "default/self-1/top-p-0.95": (DPW, {}),
     "nw/ridge-0.1": (NW, {"refit_ridge": 0.1}),
     "nw/ridge-0.3": (NW, {"refit_ridge": 0.3}),
     "nw/ridge-1": (NW, {"refit_ridge": 1.0}),
@@ -126,6 +131,7 @@ CONSTANTS: dict[str, dict[str, object]] = {
     "default/self-1/top-p-1": {"gqaprune_core.self_text.PROMPT_TOKENS": 0,
                                "gqaprune_core.self_text.TOP_P": 1.0},
     "default/self-1/temp-1.2": {"gqaprune_core.self_text.TEMPERATURE": 1.2},
+    "default/self-1/top-p-0.95": {"gqaprune_core.self_text.TOP_P": 0.95},
 }
 
 KINDS = {"news": "sel-demo", "pydoc": "sel-pydoc", "wiki": "sel-wiki"}
