@@ -110,6 +110,11 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "before-issue-16": (DPW, {"alpha": 2.0, "channel_selection": "energy", "refit_feedback": 0.0,
                               "self_text_share": 0.0}),
     "default/self-1/top-p-0.95": (DPW, {}),
+    # thirteenth round: the Fisher pass on the 128 real windows only (labels the model wrote
+    # itself are samples of its own distribution, which the fourth round's sampled-label
+    # Fisher found worse on unseen text), or on the 128 written ones only: half the backward
+    "default/fisher-real": (DPW, {}),
+    "default/fisher-written": (DPW, {}),
     "nw/ridge-0.1": (NW, {"refit_ridge": 0.1}),
     "nw/ridge-0.3": (NW, {"refit_ridge": 0.3}),
     "nw/ridge-1": (NW, {"refit_ridge": 1.0}),
@@ -132,6 +137,8 @@ CONSTANTS: dict[str, dict[str, object]] = {
                                "gqaprune_core.self_text.TOP_P": 1.0},
     "default/self-1/temp-1.2": {"gqaprune_core.self_text.TEMPERATURE": 1.2},
     "default/self-1/top-p-0.95": {"gqaprune_core.self_text.TOP_P": 0.95},
+    "default/fisher-real": {"gqaprune_core.compensate.FISHER_ROWS": BASE.num_examples},
+    "default/fisher-written": {"gqaprune_core.compensate.FISHER_SKIP": BASE.num_examples},
 }
 
 KINDS = {"news": "sel-demo", "pydoc": "sel-pydoc", "wiki": "sel-wiki"}

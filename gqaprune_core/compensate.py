@@ -38,6 +38,14 @@ from gqaprune_core.plan import LayerPlan, PruningPlan, identity_plan, top_k
 from gqaprune_core.surgery import cut_layer_, sync_config_, validate
 from gqaprune_core.unit_importance import fisher_channel_scores
 
+# The windows of the Fisher pass: the calibration's rows from FISHER_SKIP on, at most
+# FISHER_ROWS of them (None: to the end). The pipeline's calibration holds the real windows
+# first, then those the model wrote; benchmarks/select_default.py's thirteenth round sets these
+# to fit the Fisher scores on either kind alone (both lost to all windows on unseen text:
+# BENCHMARKS.md, "Thirteenth round").
+FISHER_SKIP = 0
+FISHER_ROWS: int | None = None
+
 
 def select_scores(selection: str, energy: torch.Tensor, fisher: torch.Tensor | None
                   ) -> torch.Tensor:
@@ -185,14 +193,16 @@ def prune_mlp_compensated_(model: nn.Module, calibration: torch.Tensor,
     # progress counts the dense pass (with feedback), the Fisher pass's windows, then the
     # layers cut: one bar for all
     dense = 1 if feedback and todo else 0
-    passes = dense + (calibration.shape[0] if needs_fisher else 0)  # steps before the layers
+    fisher_batch = calibration[FISHER_SKIP:None if FISHER_ROWS is None
+                               else FISHER_SKIP + FISHER_ROWS]
+    passes = dense + (fisher_batch.shape[0] if needs_fisher else 0)  # steps before the layers
     if progress is not None and dense:
         progress(0, passes + len(todo))
     targets = dense_residuals(model, calibration, todo) if feedback else {}
     if progress is not None and dense:
         progress(dense, passes + len(todo))
     if needs_fisher:
-        fisher = fisher_channel_scores(model, calibration, progress=None if progress is None else
+        fisher = fisher_channel_scores(model, fisher_batch, progress=None if progress is None else
                                        lambda done, total: progress(dense + done,
                                                                     passes + len(todo)))
     before_mlp: dict[int, torch.Tensor] = {}  # r̃: the pruned model's residual before the MLP

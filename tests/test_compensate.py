@@ -168,6 +168,30 @@ def test_progress_counts_the_dense_and_fisher_passes_then_the_layers(make_tiny, 
         assert done[:2] == [0, 1]
 
 
+@pytest.mark.parametrize("skip,rows,expected", [(0, None, (0, 12)), (0, 5, (0, 5)),
+                                                (5, None, (5, 12)), (2, 3, (2, 5))])
+def test_fisher_rows_choose_the_windows_of_the_fisher_pass(make_tiny, monkeypatch, skip, rows,
+                                                          expected):
+    """FISHER_SKIP / FISHER_ROWS (benchmark knobs) pick the calibration rows the backward pass
+    reads; the progress bar counts those windows."""
+    from gqaprune_core import compensate
+
+    model = make_tiny("llama")
+    calibration = torch.randint(0, 97, (12, 16), generator=torch.Generator().manual_seed(4))
+    seen = []
+    real = compensate.fisher_channel_scores
+    monkeypatch.setattr(compensate, "fisher_channel_scores",
+                        lambda model, batch, **kw: seen.append(batch) or real(model, batch, **kw))
+    monkeypatch.setattr(compensate, "FISHER_SKIP", skip)
+    monkeypatch.setattr(compensate, "FISHER_ROWS", rows)
+    width = layout(model)[0].mlp_width
+    calls = []
+    prune_mlp_compensated_(model, calibration, [width // 2, width, width],
+                           selection="energy+fisher", progress=lambda d, t: calls.append(t))
+    assert len(seen) == 1 and torch.equal(seen[0], calibration[expected[0]:expected[1]])
+    assert set(calls) == {expected[1] - expected[0] + 1}
+
+
 def test_unknown_selection_is_refused(make_tiny):
     with pytest.raises(ValueError, match="selection='obs-greedy'; choose one of energy"):
         prune_mlp_compensated_(make_tiny("llama"), torch.zeros(1, 4, dtype=torch.long), [8],
