@@ -112,7 +112,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "default/self-1/top-p-0.95": (DPW, {}),
     # thirteenth round: the Fisher pass on the 128 real windows only (labels the model wrote
     # itself are samples of its own distribution, which the fourth round's sampled-label
-    # Fisher found worse on unseen text), or on the 128 written ones only: half the backward
+    # Fisher found worse on unseen text), or on the 128 written ones only: half the backward pass
     "default/fisher-real": (DPW, {}),
     "default/fisher-written": (DPW, {}),
     "nw/ridge-0.1": (NW, {"refit_ridge": 0.1}),
