@@ -9,7 +9,9 @@ validate. Most variants fit on news + wiki and are validated on the held-out new
 pydoc's held-out part (a kind of text they never saw) and, when present, on the license texts
 in ``/usr/share/common-licenses`` (never fitted on, neither shipped nor evaluated by the
 project). The unseen kinds are the cross-domain check: what unknown user text asks of the
-default.
+default. ``--reviews`` adds movie reviews from gensim's test data (lowercased and tokenized,
+the register of the Penn Treebank's text), also never fitted: a set kept for estimating
+issue 16's goals, not for choosing settings.
 
 With ``--leave-one-out`` every variant fitted on news + pydoc + wiki is run three times, each
 time without one of the three kinds in its calibration text (``VARIANT@without-KIND``), so that
@@ -25,7 +27,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import importlib.util
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -44,6 +48,10 @@ from gqaprune_core.pipeline import run_pipeline  # noqa: E402
 
 FIT_FRACTION = 0.7
 LICENSES = Path("/usr/share/common-licenses")
+# movie-review sentences (label prefixes stripped) and reviews, one per line, in gensim's test
+# data; Windows-1252 text
+REVIEWS = {"pang_lee_polarity.cor": r"__label__\w+\s+", "alldata-id-10.txt": r"_\*\d+\s+"}
+NEVER_FITTED = ("sel-licenses", "sel-reviews")
 BASE = PRESETS["default"]
 
 # name -> (fit corpus, PruneConfig changes from the default preset AS SHIPPED NOW: a variant of
@@ -162,7 +170,7 @@ def unseen_summary(results: dict) -> dict:
             continue
         sets = by_variant.setdefault(entry["variant"], {"unseen": [], "fitted": []})
         for corpus, ratio in entry["ratio"].items():
-            seen = corpus != entry["unseen"] and corpus != "sel-licenses"
+            seen = corpus != entry["unseen"] and corpus not in NEVER_FITTED
             sets["fitted" if seen else "unseen"].append(ratio)
     return {variant: {kind: round(math.exp(sum(map(math.log, v)) / len(v)), 4)
                       for kind, v in sets.items()} | {"folds": len(sets["fitted"]) // 2}
@@ -199,8 +207,18 @@ def constants(values: dict[str, object]):
             setattr(target, name, value)
 
 
-def held_out_corpora() -> dict[str, data.Corpus]:
-    """``sel-X``: calibration = the fit share of X's calibration part, evaluation = the rest."""
+def review_documents() -> tuple[str, ...]:
+    """The movie reviews of gensim's test data, one document per line, prefixes stripped."""
+    folder = Path(importlib.util.find_spec("gensim").origin).parent / "test" / "test_data"
+    return tuple(re.sub(f"^{prefix}", "", line).strip()
+                 for name, prefix in REVIEWS.items()
+                 for line in (folder / name).read_text(encoding="cp1252").splitlines()
+                 if line.strip())
+
+
+def held_out_corpora(reviews: bool = False) -> dict[str, data.Corpus]:
+    """``sel-X``: calibration = the fit share of X's calibration part, evaluation = the rest;
+    ``sel-licenses`` and (``reviews``) ``sel-reviews``: evaluation only."""
     corpora = {}
     for name in ("demo", "pydoc", "wiki"):
         documents = data.load_corpus(name).calibration
@@ -209,6 +227,8 @@ def held_out_corpora() -> dict[str, data.Corpus]:
     if LICENSES.is_dir():
         texts = sorted({p.read_text(errors="replace") for p in LICENSES.iterdir() if p.is_file()})
         corpora["sel-licenses"] = data.Corpus("sel-licenses", (), tuple(texts))
+    if reviews:
+        corpora["sel-reviews"] = data.Corpus("sel-reviews", (), review_documents())
     return corpora
 
 
@@ -224,10 +244,10 @@ def install(corpora: dict[str, data.Corpus]) -> None:
     data.load_corpus = load
 
 
-def demo_and_held_out_windows(count: int, seq_len: int) -> tuple:
+def demo_and_held_out_windows(count: int, seq_len: int, reviews: bool = False) -> tuple:
     """The demo model, its tokenizer and ``count`` validation windows of ``seq_len`` tokens per
     held-out corpus (the ``sel-*`` names installed for the library to resolve)."""
-    corpora = held_out_corpora()
+    corpora = held_out_corpora(reviews)
     install(corpora)
     model, tokenizer = load_model("demo")
     return model, tokenizer, {name: data.evaluation_windows(tokenizer, corpus, seq_len, count)
@@ -251,6 +271,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "select_default.json")
     parser.add_argument("--leave-one-out", action="store_true",
                         help="run each variant once per calibration kind left out of its fit")
+    parser.add_argument("--reviews", action="store_true",
+                        help="also validate on movie reviews (never fitted; for goal estimates)")
     parser.add_argument("--list", action="store_true")
     args = parser.parse_args(argv)
     if args.list:
@@ -258,7 +280,8 @@ def main(argv: list[str] | None = None) -> dict:
                         for k, v in VARIANTS.items()))
         return {}
     set_threads(args.threads)
-    model, tokenizer, windows = demo_and_held_out_windows(args.windows, args.seq_len)
+    model, tokenizer, windows = demo_and_held_out_windows(args.windows, args.seq_len,
+                                                          args.reviews)
     previous = read_json(args.out) or {}
     out = header(None if argv is None else ["benchmarks/select_default.py", *argv])
     out["settings"] = {"ratio": args.ratio, "fit_fraction": FIT_FRACTION,
