@@ -208,6 +208,24 @@ def test_leave_one_out_folds_leave_each_kind_out_once_and_judge_by_the_unseen_se
     assert summary["v"]["fitted"] == pytest.approx(geo(fitted), abs=1e-4)
 
 
+def test_the_review_set_is_evaluation_only_unlabelled_and_counted_as_unseen():
+    """``--reviews``: gensim's movie reviews, label prefixes stripped, no calibration part, on
+    the unseen side of a leave-one-out summary like the licenses."""
+    import select_default
+
+    documents = select_default.review_documents()
+    assert len(documents) == 210 and all(documents)
+    assert not any(d.startswith(("__label__", "_*")) for d in documents)
+    assert "simplistic , silly and tedious ." in documents
+    corpora = select_default.held_out_corpora(reviews=True)
+    assert corpora["sel-reviews"].calibration == () and corpora["sel-reviews"].evaluation
+    assert "sel-reviews" not in select_default.held_out_corpora()
+    results = {"fold": {"variant": "v", "unseen": "sel-demo",
+                        "ratio": {"sel-demo": 2.0, "sel-pydoc": 1.5, "sel-reviews": 8.0}}}
+    summary = select_default.unseen_summary(results)["v"]
+    assert summary["unseen"] == pytest.approx(4.0) and summary["fitted"] == pytest.approx(1.5)
+
+
 def test_a_results_file_from_before_a_new_setting_is_resumed_with_the_setting_off():
     """A config field added since a selection file was written is read as off (PruneConfig's
     own value): the file's results stay; a base that differs in any written field does not."""
