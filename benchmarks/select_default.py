@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
-import importlib.util
 import math
 import re
 import sys
@@ -209,10 +208,10 @@ def constants(values: dict[str, object]):
 
 def review_documents() -> tuple[str, ...]:
     """The movie reviews of gensim's test data, one document per line, prefixes stripped."""
-    folder = Path(importlib.util.find_spec("gensim").origin).parent / "test" / "test_data"
     return tuple(re.sub(f"^{prefix}", "", line).strip()
                  for name, prefix in REVIEWS.items()
-                 for line in (folder / name).read_text(encoding="cp1252").splitlines()
+                 for line in data.gensim_test_file(name, "reviews").read_text(
+                     encoding="cp1252").splitlines()
                  if line.strip())
 
 

@@ -65,7 +65,9 @@ def _split(name: str, documents: list[str], calibration_fraction: float) -> Corp
     return Corpus(name, tuple(documents[:cut]), tuple(documents[cut:]))
 
 
-def _gensim_test_file(name: str, corpus: str) -> Path:
+def gensim_test_file(name: str, corpus: str) -> Path:
+    """The file ``name`` of gensim's test data, which ``corpus`` reads; a :class:`CorpusError`
+    saying what to do when gensim or the file is missing."""
     spec = importlib.util.find_spec("gensim")
     if spec is None or not spec.submodule_search_locations:
         raise CorpusError(f"the {corpus} corpus needs gensim: run `make setup` (pip install gensim)")
@@ -76,14 +78,14 @@ def _gensim_test_file(name: str, corpus: str) -> Path:
 
 
 def _demo_documents() -> list[str]:
-    path = _gensim_test_file("lee_background.cor", "demo")
+    path = gensim_test_file("lee_background.cor", "demo")
     return path.read_text(encoding="utf-8", errors="replace").splitlines()
 
 
 def _wiki_documents() -> list[str]:
     from gqaprune_core.wiki import DUMP, wiki_documents
 
-    return wiki_documents(_gensim_test_file(DUMP, "wiki"))
+    return wiki_documents(gensim_test_file(DUMP, "wiki"))
 
 
 def _pydoc_documents() -> list[str]:
